@@ -1,0 +1,130 @@
+"""Analyze: capture, find and group, without changing anything."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from masasurgery._state import preserved
+from masasurgery.inputs import resolve_inputs
+from masasurgery.passes.capture import capture
+from masasurgery.passes.find_attention import AttentionSite, SkippedSite, find_attention
+from masasurgery.passes.group import Group, group_sites
+from masasurgery.report import format_table
+
+__all__ = ["Analysis", "analyze"]
+
+
+@dataclass
+class Analysis:
+    """Where a model's attention is and which blocks can share dictionaries.
+
+    Attributes:
+        model: Class name of the model.
+        capture_path: The capture path that read the model (``"fx"``).
+        capture_failures: Paths tried before it, each with why it failed.
+        sites: Every attention block found, in graph order.
+        groups: Blocks that repeat (two or more), each sharing one dictionary per role.
+        singletons: Blocks that repeat nowhere; they are left alone.
+        skipped: Attention cores whose projections could not be read, with reasons.
+    """
+
+    model: str
+    capture_path: str
+    capture_failures: dict[str, str] = field(default_factory=dict)
+    sites: list[AttentionSite] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    singletons: list[AttentionSite] = field(default_factory=list)
+    skipped: list[SkippedSite] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.model}: {len(self.sites)} attention blocks in "
+            f"{len(self.groups)} groups (captured with {self.capture_path})",
+        ]
+        rows = [_group_row(g) for g in self.groups]
+        if rows:
+            headers = ["group", "blocks", "first .. last", "heads", "q", "k", "v", "o"]
+            lines += ["", format_table(headers, rows)]
+        for site in self.singletons:
+            lines.append(f"left alone (repeats nowhere): {site.block}")
+        for skip in self.skipped:
+            lines.append(f"skipped core {skip.core}: {skip.reason}")
+        for path, why in self.capture_failures.items():
+            lines.append(f"capture path {path} failed: {why}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "model": self.model,
+            "capture_path": self.capture_path,
+            "capture_failures": dict(self.capture_failures),
+            "groups": [
+                {
+                    "index": g.index,
+                    "blocks": g.blocks,
+                    "roles": {r: list(g.role_shape(r)) for r in g.roles},
+                }
+                for g in self.groups
+            ],
+            "singletons": [s.block for s in self.singletons],
+            "skipped": [{"core": s.core, "reason": s.reason} for s in self.skipped],
+        }
+
+
+def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
+    """Find the attention blocks of ``model`` and group the repeated ones.
+
+    Nothing in the model changes: modes and devices are restored, and the model
+    runs once, in eval mode and without gradients, to record shapes.
+
+    Args:
+        model: Any PyTorch model.
+        example_inputs: A tensor, a tuple of positional arguments or a dict of
+            keyword arguments for ``model.forward``. Optional for timm models,
+            whose config gives the input size.
+
+    Returns:
+        The capture path, the sites, the groups and what was left out.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4)
+        >>> analysis = analyze(m)
+        >>> [g.num_blocks for g in analysis.groups]
+        [4]
+    """
+    inputs = resolve_inputs(model, example_inputs)
+    with preserved(model):
+        model.eval()
+        captured = capture(model, inputs)
+    found = find_attention(captured)
+    grouping = group_sites(captured, found.sites)
+    return Analysis(
+        model=type(model).__name__,
+        capture_path=captured.path,
+        capture_failures=captured.failures,
+        sites=found.sites,
+        groups=grouping.groups,
+        singletons=grouping.singletons,
+        skipped=found.skipped,
+    )
+
+
+def _group_row(group: Group) -> list[object]:
+    site = group.sites[0]
+    heads = f"{site.num_heads}x{site.head_dim}" if site.num_heads else "-"
+    shapes = []
+    for role in ("q", "k", "v", "o"):
+        projection = site.projection_of(role)
+        if projection is None:
+            shapes.append("-")
+            continue
+        rows, cols = group.role_shape(role)
+        name = projection.target.rsplit(".", 1)[-1]
+        shapes.append(f"{rows}x{cols} {name}")
+    span = f"{group.blocks[0]} .. {group.blocks[-1]}"
+    return [group.index, group.num_blocks, span, heads, *shapes]

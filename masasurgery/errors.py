@@ -1,0 +1,50 @@
+"""The errors and warnings masasurgery raises.
+
+Every error derives from :class:`MasaError`; the specific ones also derive from the
+builtin that fits, so ``except ValueError`` keeps working in user code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyConvertedError",
+    "CaptureError",
+    "ConfigError",
+    "FitError",
+    "MasaError",
+    "MasaWarning",
+    "NoAttentionError",
+    "VerificationError",
+]
+
+
+class MasaError(Exception):
+    """Base class of every error raised by masasurgery."""
+
+
+class ConfigError(MasaError, ValueError):
+    """An option passed by the user is out of range or of the wrong type."""
+
+
+class CaptureError(MasaError, RuntimeError):
+    """No capture path (fx, export, module structure) could read the model."""
+
+
+class NoAttentionError(MasaError, ValueError):
+    """The model has no attention blocks that can share a dictionary."""
+
+
+class AlreadyConvertedError(MasaError, ValueError):
+    """The model already holds masasurgery modules."""
+
+
+class FitError(MasaError, ValueError):
+    """The weights handed to a fitter do not form a valid stack."""
+
+
+class VerificationError(MasaError, AssertionError):
+    """A converted model does not match its reference within tolerance."""
+
+
+class MasaWarning(UserWarning):
+    """Something the user should look at; the operation itself went on."""

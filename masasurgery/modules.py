@@ -1,0 +1,199 @@
+"""The modules a conversion puts into a model.
+
+* :class:`AtomDictionary` owns the ``S`` shared matrices of one (group, role).
+* :class:`SharedProjection` stands in for one projection (a ``Linear``, or a fused
+  ``qkv`` Linear). Its weight is composed in forward from the dictionaries' atoms and
+  its own coefficients, one row block per role::
+
+      weight[rows of role r] = sum_s coefficients[r][s] * dictionaries[r].atoms[s]
+
+* :class:`DictionaryStore` is the one place in the model that registers the
+  dictionaries, so every atom tensor appears once in ``named_parameters()`` and once
+  in ``state_dict()``.
+
+A projection reaches its dictionaries through a plain Python reference to the owning
+module (not a registered child), and reads ``dictionary.atoms`` at every use. That
+keeps the sharing intact whatever replaces the Parameter object itself: ``.to()``,
+``load_state_dict(assign=True)``, ``to_empty()``, ``copy.deepcopy`` of the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from masasurgery.errors import MasaError
+
+__all__ = ["AtomDictionary", "DictionaryStore", "SharedProjection"]
+
+
+class AtomDictionary(nn.Module):
+    """``S`` shared matrices for one projection role of one group of blocks.
+
+    Args:
+        atoms: The atoms, shape ``(S, out_features, in_features)``.
+        role: The projection role the atoms serve (``"q"``, ``"k"``, ``"v"``, ``"o"``).
+
+    Example:
+        >>> d = AtomDictionary(torch.eye(2).expand(3, 2, 2).clone(), role="q")
+        >>> d.compose(torch.tensor([1.0, 2.0, 0.0])).tolist()
+        [[3.0, 0.0], [0.0, 3.0]]
+    """
+
+    def __init__(self, atoms: Tensor, role: str) -> None:
+        super().__init__()
+        if atoms.dim() != 3:
+            raise ValueError(
+                f"atoms must have shape (S, out_features, in_features), got "
+                f"{tuple(atoms.shape)}."
+            )
+        self.atoms = nn.Parameter(atoms)  # (S, out, in)
+        self.role = role
+
+    @property
+    def num_atoms(self) -> int:
+        return self.atoms.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.atoms.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.atoms.shape[2]
+
+    def compose(self, coefficients: Tensor) -> Tensor:
+        """The matrix ``sum_s coefficients[s] * atoms[s]``, shape ``(out, in)``."""
+        return torch.tensordot(coefficients.to(self.atoms.dtype), self.atoms, dims=1)
+
+    def extra_repr(self) -> str:
+        return (
+            f"role={self.role!r}, num_atoms={self.num_atoms}, "
+            f"out_features={self.out_features}, in_features={self.in_features}"
+        )
+
+
+class DictionaryStore(nn.ModuleDict):
+    """The container, at ``model.masa``, that registers every dictionary once.
+
+    Keys are ``"group{g}_{role}"``, so the atoms of group 0's q dictionary live at
+    ``masa.group0_q.atoms`` in the model's ``state_dict()``.
+    """
+
+
+class SharedProjection(nn.Module):
+    """A Linear projection whose weight is a mixture of shared atoms.
+
+    The rows of the weight are split into parts, in order. A shared part (one role)
+    holds only its coefficients; a dense part (a role left out of sharing) holds its
+    rows as an ordinary weight. Reading ``.weight`` composes the full matrix, so code
+    that calls ``F.linear(x, module.weight, bias)`` keeps working.
+
+    Args:
+        in_features: Width of the input.
+        bias: The original bias (kept as is, fused across roles), or None.
+
+    Example:
+        >>> d = AtomDictionary(torch.randn(2, 4, 8), role="q")
+        >>> proj = SharedProjection(8, bias=None)
+        >>> proj.add_shared("q", d, torch.tensor([0.5, -1.0]))
+        >>> proj(torch.randn(3, 8)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(self, in_features: int, bias: Tensor | None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.parts: list[str] = []
+        self.coefficients = nn.ParameterDict()
+        self.dense = nn.ParameterDict()
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias)
+        self.bias = bias
+        # Plain references, not children: the DictionaryStore registers them.
+        object.__setattr__(self, "_dictionaries", {})
+
+    @property
+    def dictionaries(self) -> dict[str, AtomDictionary]:
+        """The dictionary of each shared part, by role."""
+        return dict(self._dictionaries)
+
+    def add_shared(
+        self, role: str, dictionary: AtomDictionary, coefficients: Tensor
+    ) -> None:
+        """Append the rows of ``role``, composed from ``dictionary``."""
+        if dictionary.in_features != self.in_features:
+            raise ValueError(
+                f"dictionary for role {role!r} has in_features "
+                f"{dictionary.in_features}, projection has {self.in_features}."
+            )
+        if coefficients.shape != (dictionary.num_atoms,):
+            raise ValueError(
+                f"coefficients for role {role!r} must have shape "
+                f"({dictionary.num_atoms},), got {tuple(coefficients.shape)}."
+            )
+        self._check_new_part(role)
+        self.coefficients[role] = nn.Parameter(coefficients)
+        self._dictionaries[role] = dictionary
+        self.parts.append(role)
+
+    def add_dense(self, name: str, weight: Tensor) -> None:
+        """Append rows that stay an ordinary weight, shape ``(rows, in_features)``."""
+        if weight.dim() != 2 or weight.shape[1] != self.in_features:
+            raise ValueError(
+                f"dense part {name!r} must have shape (rows, {self.in_features}), "
+                f"got {tuple(weight.shape)}."
+            )
+        self._check_new_part(name)
+        self.dense[name] = nn.Parameter(weight)
+        self.parts.append(name)
+
+    def _check_new_part(self, name: str) -> None:
+        if name in self.parts:
+            raise ValueError(f"part {name!r} is already in {self.parts}.")
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.part_rows(name) for name in self.parts)
+
+    def part_rows(self, name: str) -> int:
+        """How many rows of the weight one part holds."""
+        if name in self.dense:
+            return self.dense[name].shape[0]
+        return self._dictionaries[name].out_features
+
+    def part_weight(self, name: str) -> Tensor:
+        """The rows of one part, composed if shared, shape ``(rows, in)``."""
+        if name in self.dense:
+            return self.dense[name]
+        return self._dictionaries[name].compose(self.coefficients[name])
+
+    @property
+    def weight(self) -> Tensor:
+        """The full weight ``(out_features, in_features)``, composed on each read."""
+        rows = [self.part_weight(name) for name in self.parts]
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        raise MasaError(
+            "a SharedProjection's weight is composed from shared atoms and cannot be "
+            "assigned; set its coefficients (or the dictionary's atoms) instead, or "
+            "call masasurgery.materialize(model) to get dense weights back."
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        parts = []
+        for name in self.parts:
+            if name in self.dense:
+                parts.append(f"{name}:dense")
+            else:
+                parts.append(f"{name}:{self._dictionaries[name].num_atoms} atoms")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"parts=[{', '.join(parts)}], bias={self.bias is not None}"
+        )

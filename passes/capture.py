@@ -1,0 +1,199 @@
+"""Capture: turn a model into an fx graph with concrete shapes.
+
+Capture paths are tried in order (a table, first success wins); each failure is kept
+with its reason so the analysis can say why a later path was used.
+
+After capture, one forward over the example inputs records, on every node,
+``node.meta["tensor_meta"]`` (shapes, as torch.fx's ShapeProp does) and, for nodes
+that produce plain Python values (sizes, ints, tuples), ``node.meta["value"]``. The
+attention finder replays data-movement ops with those values.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+from masasurgery.errors import CaptureError
+
+__all__ = ["Capture", "Inputs", "capture"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Inputs:
+    """Example inputs of a model: positional and keyword arguments."""
+
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, example_inputs: Any) -> Inputs:
+        """Normalise a tensor, a tuple of args, a dict of kwargs, or Inputs."""
+        if isinstance(example_inputs, Inputs):
+            return example_inputs
+        if isinstance(example_inputs, dict):
+            return cls(kwargs=dict(example_inputs))
+        if isinstance(example_inputs, (tuple, list)):
+            return cls(args=tuple(example_inputs))
+        return cls(args=(example_inputs,))
+
+    def to(self, device: torch.device | str) -> Inputs:
+        """The same inputs with every tensor moved to ``device``."""
+
+        def move(x: Any) -> Any:
+            return x.to(device) if isinstance(x, torch.Tensor) else x
+
+        return Inputs(
+            args=tuple(move(a) for a in self.args),
+            kwargs={k: move(v) for k, v in self.kwargs.items()},
+        )
+
+    def call(self, model: nn.Module) -> Any:
+        """Run ``model`` on these inputs."""
+        return model(*self.args, **self.kwargs)
+
+
+@dataclass
+class Capture:
+    """A model captured as a graph.
+
+    Attributes:
+        gm: The graph module; its ``call_module`` targets are the model's own
+            qualified names, and it shares (does not copy) the model's modules.
+        path: Which capture path succeeded (``"fx"``).
+        failures: The paths tried before ``path``, each with why it failed.
+    """
+
+    gm: fx.GraphModule
+    path: str
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def capture(model: nn.Module, inputs: Inputs) -> Capture:
+    """Capture ``model`` as an fx graph and record shapes from ``inputs``.
+
+    Args:
+        model: The model to read. It is not changed.
+        inputs: Example inputs for one forward.
+
+    Returns:
+        The graph, the path used, and the failures of earlier paths.
+
+    Raises:
+        CaptureError: No path could capture the model; lists each path's reason.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2)
+        >>> capture(m, Inputs.of(torch.randn(1, 3, 224, 224))).path
+        'fx'
+    """
+    failures: dict[str, str] = {}
+    for path, trace in _CAPTURE_PATHS:
+        try:
+            gm = trace(model, inputs)
+            _propagate(gm, inputs)
+        except Exception as e:  # any failure moves on to the next path
+            failures[path] = f"{type(e).__name__}: {e}"
+            logger.debug("capture path %r failed: %s", path, failures[path])
+            continue
+        logger.debug("captured %s with path %r", type(model).__name__, path)
+        return Capture(gm=gm, path=path, failures=failures)
+
+    reasons = "\n".join(f"  {p}: {why}" for p, why in failures.items())
+    raise CaptureError(
+        f"could not capture {type(model).__name__}; every path failed:\n{reasons}\n"
+        "Check that the example inputs match the model's forward, or see the "
+        "custom-architecture recipe in docs/."
+    )
+
+
+def _trace_fx(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
+    tracer = _MasaTracer()
+    concrete = {k: v for k, v in inputs.kwargs.items() if not _is_tensor(v)}
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+# Capture paths, tried in order. TODO(issue 3): torch.export and a structural
+# fallback for models fx cannot trace (transformers v5, a quarter of timm).
+_CAPTURE_PATHS: list[tuple[str, Callable[[nn.Module, Inputs], fx.GraphModule]]] = [
+    ("fx", _trace_fx),
+]
+
+
+class _MasaTracer(fx.Tracer):
+    """An fx tracer that honours timm's leaf-module and autowrap registries."""
+
+    def __init__(self) -> None:
+        leaves, functions = _timm_registries()
+        super().__init__(autowrap_functions=tuple(functions))
+        self._leaves = tuple(leaves)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaves and isinstance(m, self._leaves):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _timm_registries() -> tuple[list[type], list[Callable]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return [], []
+    functions = [f for f in timm_fx.get_notrace_functions() if callable(f)]
+    return timm_fx.get_notrace_modules(), functions
+
+
+class _ValueProp(fx.Interpreter):
+    """Records shapes as torch.fx's ShapeProp does, plus plain Python values."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if _has_tensor(result):
+            n.meta["tensor_meta"] = map_aggregate(result, _tensor_meta)
+        else:
+            n.meta["value"] = result
+        return result
+
+
+def _tensor_meta(x: Any) -> Any:
+    return _extract_tensor_metadata(x) if isinstance(x, torch.Tensor) else x
+
+
+def _propagate(gm: fx.GraphModule, inputs: Inputs) -> None:
+    # Placeholders in order; keyword inputs fill the slots they name
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = list(inputs.args)
+    for node in placeholders[len(args) :]:
+        if node.target in inputs.kwargs:
+            args.append(inputs.kwargs[node.target])
+        elif node.args:
+            args.append(node.args[0])  # the forward's default value
+        else:
+            args.append(None)
+    with torch.no_grad():
+        _ValueProp(gm).run(*args)
+
+
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _has_tensor(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return True
+    if isinstance(x, (tuple, list)):
+        return any(_has_tensor(v) for v in x)
+    if isinstance(x, dict):
+        return any(_has_tensor(v) for v in x.values())
+    return False
