@@ -14,17 +14,29 @@ from masasurgery.convert import RoleFit as RoleFit
 from masasurgery.convert import convert as convert
 from masasurgery.errors import AlreadyConvertedError as AlreadyConvertedError
 from masasurgery.errors import CaptureError as CaptureError
+from masasurgery.errors import CheckpointError as CheckpointError
 from masasurgery.errors import ConfigError as ConfigError
 from masasurgery.errors import FitError as FitError
+from masasurgery.errors import LayoutError as LayoutError
 from masasurgery.errors import MasaError as MasaError
 from masasurgery.errors import MasaWarning as MasaWarning
 from masasurgery.errors import NoAttentionError as NoAttentionError
 from masasurgery.errors import VerificationError as VerificationError
 from masasurgery.fit import MatrixPCA as MatrixPCA
 from masasurgery.fit import matrix_pca as matrix_pca
+from masasurgery.io import Checkpoint as Checkpoint
+from masasurgery.io import load as load
+from masasurgery.io import read_checkpoint as read_checkpoint
+from masasurgery.io import save as save
+from masasurgery.materialize import Materialized as Materialized
+from masasurgery.materialize import materialize as materialize
 from masasurgery.modules import AtomDictionary as AtomDictionary
 from masasurgery.modules import DictionaryStore as DictionaryStore
+from masasurgery.modules import SharedConv1D as SharedConv1D
 from masasurgery.modules import SharedProjection as SharedProjection
+from masasurgery.passes.rewrite import RewritePlan as RewritePlan
+from masasurgery.passes.rewrite import plan_of as plan_of
+from masasurgery.passes.rewrite import rebuild as rebuild
 from masasurgery.tolerances import Tolerance as Tolerance
 from masasurgery.tolerances import tolerance_for as tolerance_for
 from masasurgery.verify import VerificationReport as VerificationReport
@@ -38,24 +50,36 @@ __all__ = [
     "Analysis",
     "AtomDictionary",
     "CaptureError",
+    "Checkpoint",
+    "CheckpointError",
     "ConfigError",
     "Conversion",
     "DictionaryStore",
     "FitError",
+    "LayoutError",
     "MasaConfig",
     "MasaError",
     "MasaWarning",
+    "Materialized",
     "MatrixPCA",
     "NoAttentionError",
     "ParameterCount",
+    "RewritePlan",
     "RoleFit",
+    "SharedConv1D",
     "SharedProjection",
     "Tolerance",
     "VerificationError",
     "VerificationReport",
     "analyze",
     "convert",
+    "load",
+    "materialize",
     "matrix_pca",
+    "plan_of",
+    "read_checkpoint",
+    "rebuild",
+    "save",
     "tolerance_for",
     "verify",
 ]

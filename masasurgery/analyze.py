@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from masasurgery._state import preserved
+from masasurgery.errors import CaptureError
 from masasurgery.inputs import resolve_inputs
-from masasurgery.passes.capture import capture
-from masasurgery.passes.find_attention import AttentionSite, SkippedSite, find_attention
+from masasurgery.passes.capture import CAPTURE_PATHS, Capture, Inputs, capture
+from masasurgery.passes.find_attention import (
+    AttentionSite,
+    Findings,
+    SkippedSite,
+    find_attention,
+)
 from masasurgery.passes.group import Group, group_sites
 from masasurgery.report import format_table
 
 __all__ = ["Analysis", "analyze"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -98,10 +110,7 @@ def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
         [4]
     """
     inputs = resolve_inputs(model, example_inputs)
-    with preserved(model):
-        model.eval()
-        captured = capture(model, inputs)
-    found = find_attention(captured)
+    captured, found = _capture_and_find(model, inputs)
     grouping = group_sites(captured, found.sites)
     return Analysis(
         model=type(model).__name__,
@@ -112,6 +121,51 @@ def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
         singletons=grouping.singletons,
         skipped=found.skipped,
     )
+
+
+def _capture_and_find(model: nn.Module, inputs: Inputs) -> tuple[Capture, Findings]:
+    """The first capture path that shows attention; else the first that captured.
+
+    fx can capture a model and still see no attention, when the attention hides
+    inside a leaf module or a wrapped function; export then traces through it.
+    """
+    failures: dict[str, str] = {}
+    first: tuple[Capture, Findings] | None = None
+    for path in CAPTURE_PATHS:
+        with preserved(model), mha_fastpath_off():
+            model.eval()
+            try:
+                captured = capture(model, inputs, paths=[path])
+            except CaptureError as e:
+                failures[path] = str(e).splitlines()[1].split(": ", 1)[1]
+                continue
+        found = find_attention(captured)
+        captured.failures = dict(failures)
+        if found.sites:
+            return captured, found
+        failures[path] = "captured, but found no attention core"
+        logger.debug("capture path %r found no attention core", path)
+        first = first or (captured, found)
+    if first is None:
+        reasons = "\n".join(f"  {p}: {why}" for p, why in failures.items())
+        raise CaptureError(
+            f"could not capture {type(model).__name__}; every path failed:\n"
+            f"{reasons}\nCheck that the example inputs match the model's forward, "
+            "or see the custom-architecture recipe in docs/."
+        )
+    first[0].failures = failures
+    return first
+
+
+@contextlib.contextmanager
+def mha_fastpath_off() -> Iterator[None]:
+    """nn.MultiheadAttention's fused eval path hides its projections; avoid it."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def _group_row(group: Group) -> list[object]:

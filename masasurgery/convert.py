@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,12 +13,12 @@ from torch import nn
 
 from masasurgery.analyze import Analysis, analyze
 from masasurgery.config import ROLES, MasaConfig
-from masasurgery.errors import NoAttentionError, VerificationError
+from masasurgery.errors import ConfigError, NoAttentionError, VerificationError
 from masasurgery.fit import MatrixPCA, matrix_pca
 from masasurgery.inputs import resolve_inputs
 from masasurgery.passes.group import Group
 from masasurgery.passes.layouts import read_rows
-from masasurgery.passes.rewrite import Rewrite, restore, rewrite
+from masasurgery.passes.rewrite import Rewrite, check_free, restore, rewrite
 from masasurgery.report import format_count, format_table
 
 if TYPE_CHECKING:
@@ -202,6 +203,10 @@ def convert(
     atoms start as the top Matrix-PCA directions of the stacked weights. The model
     object is edited in place and keeps its class, methods and config.
 
+    The fit runs in float64 whatever the model's dtype; the atoms and coefficients
+    are stored in the dtype of the weights they replace (a bfloat16 model stays
+    bfloat16, and is verified with the bfloat16 tolerance).
+
     Args:
         model: The model to convert, in place.
         atoms: Atoms per dictionary. ``atoms`` equal to a group's block count is
@@ -218,7 +223,9 @@ def convert(
         What changed: groups, roles, shapes, parameter counts, the verification.
 
     Raises:
-        ConfigError: ``atoms`` or ``roles`` is invalid.
+        AlreadyConvertedError: The model is already converted.
+        ConfigError: ``atoms`` or ``roles`` is invalid, or the model's weights are
+            on the meta device.
         NoAttentionError: No group of two or more attention blocks was found.
         VerificationError: The rewrite failed verification; the model is unchanged.
 
@@ -233,6 +240,7 @@ def convert(
     """
     # Steps: options, analysis, fit, rewrite, verify
     config = MasaConfig(atoms=atoms, roles=tuple(roles))
+    _check_model(model)
     inputs = resolve_inputs(model, example_inputs)
     analysis = analyze(model, inputs)
     _check_convertible(analysis, config)
@@ -251,6 +259,30 @@ def convert(
     if verify:
         _verify_or_undo(model, conversion, inputs, device)
     return conversion
+
+
+def _check_model(model: nn.Module) -> None:
+    """Refuse a converted model, or one without weights, before anything runs."""
+    check_free(model)
+    tensors = itertools.chain(model.named_parameters(), model.named_buffers())
+    on_meta = [name for name, t in tensors if t.is_meta]
+    if on_meta:
+        raise ConfigError(
+            f"{type(model).__name__} has {len(on_meta)} tensors on the meta device "
+            f"(first: {on_meta[0]!r}); convert fits atoms to real weights, so "
+            "load them first (model.to_empty(device=...) then load_state_dict). "
+            "To restore a saved conversion onto a meta-device model, use "
+            "masasurgery.load(model, path). Nothing was changed."
+        )
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = sorted(str(d) for d in dtypes & {torch.float16, torch.bfloat16})
+    if low:
+        logger.info(
+            "%s has %s weights: atoms are fitted in float64 and stored in the "
+            "dtype of the weights they replace",
+            type(model).__name__,
+            ", ".join(low),
+        )
 
 
 def _check_convertible(analysis: Analysis, config: MasaConfig) -> None:
@@ -322,12 +354,8 @@ def _count(
 ) -> ParameterCount:
     shared_before = sum(f.num_layers * f.atoms[0].numel() for f in fits.values())
     shared_after = sum(f.atoms.numel() + f.coefficients.numel() for f in fits.values())
-    attention_before = sum(
-        p.numel() for m in done.originals.values() for p in m.parameters()
-    )
-    attention_after = sum(p.numel() for p in done.store.parameters()) + sum(
-        p.numel() for m in done.replacements.values() for p in m.parameters()
-    )
+    attention_before = _count_modules(done.originals.values())
+    attention_after = _count_modules([done.store, *done.replacements.values()])
     return ParameterCount(
         shared_weights_before=shared_before,
         shared_weights_after=shared_after,
@@ -336,6 +364,12 @@ def _count(
         model_before=model_before,
         model_after=_count_unique(model),
     )
+
+
+def _count_modules(modules: Iterable[nn.Module]) -> int:
+    # A replaced module may hold another replaced one (MHA and its out_proj)
+    unique = {id(p): p for m in modules for p in m.parameters()}
+    return sum(p.numel() for p in unique.values())
 
 
 def _count_unique(model: nn.Module) -> int:

@@ -9,8 +9,10 @@ from __future__ import annotations
 __all__ = [
     "AlreadyConvertedError",
     "CaptureError",
+    "CheckpointError",
     "ConfigError",
     "FitError",
+    "LayoutError",
     "MasaError",
     "MasaWarning",
     "NoAttentionError",
@@ -40,6 +42,14 @@ class AlreadyConvertedError(MasaError, ValueError):
 
 class FitError(MasaError, ValueError):
     """The weights handed to a fitter do not form a valid stack."""
+
+
+class LayoutError(MasaError, NotImplementedError):
+    """A projection layout that the operation does not know or support yet."""
+
+
+class CheckpointError(MasaError, ValueError):
+    """A saved checkpoint or plan does not match the model, or is malformed."""
 
 
 class VerificationError(MasaError, AssertionError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -16,6 +17,10 @@ __all__ = ["resolve_inputs"]
 def resolve_inputs(model: nn.Module, example_inputs: Any | None) -> Inputs:
     """Normalise the user's example inputs, or build one from the model's config.
 
+    Decoder language models (a forward with ``use_cache``) run with
+    ``use_cache=False`` unless the user says otherwise: a key/value cache is not
+    part of what a conversion changes, and capture cannot return it.
+
     A timm model declares its input size (its patch embedding's ``img_size``, else
     ``pretrained_cfg["input_size"]``); a random image of that size (batch 1, seed 0)
     is used when no input is given.
@@ -24,7 +29,7 @@ def resolve_inputs(model: nn.Module, example_inputs: Any | None) -> Inputs:
         ConfigError: No input was given and the model declares none.
     """
     if example_inputs is not None:
-        return Inputs.of(example_inputs)
+        return _without_cache(model, Inputs.of(example_inputs))
 
     size = _timm_input_size(model)
     if size is not None:
@@ -53,3 +58,21 @@ def _timm_input_size(model: nn.Module) -> tuple[int, ...] | None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     size = cfg.get("input_size")
     return tuple(size) if size is not None else None
+
+
+def _without_cache(model: nn.Module, inputs: Inputs) -> Inputs:
+    if "use_cache" in inputs.kwargs:
+        return inputs
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return inputs
+    accepts = "use_cache" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    )
+    if (
+        not accepts
+        or getattr(getattr(model, "config", None), "use_cache", None) is None
+    ):
+        return inputs
+    return Inputs(args=inputs.args, kwargs={**inputs.kwargs, "use_cache": False})

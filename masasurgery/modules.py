@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from masasurgery.errors import MasaError
 
-__all__ = ["AtomDictionary", "DictionaryStore", "SharedProjection"]
+__all__ = [
+    "AtomDictionary",
+    "DictionaryStore",
+    "SharedConv1D",
+    "SharedMultiheadAttention",
+    "SharedProjection",
+]
 
 
 class AtomDictionary(nn.Module):
@@ -197,3 +203,84 @@ class SharedProjection(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"parts=[{', '.join(parts)}], bias={self.bias is not None}"
         )
+
+
+class SharedConv1D(SharedProjection):
+    """A :class:`SharedProjection` in the layout of GPT-2's ``Conv1D``.
+
+    ``Conv1D`` stores its weight as ``(in, out)`` and computes ``x @ W + b``. The
+    parts and coefficients are the same as for a Linear (rows of the ``(out, in)``
+    matrix); only ``weight`` (read as ``(in, out)``) and ``forward`` differ, so
+    code written for ``Conv1D`` keeps working.
+
+    Example:
+        >>> d = AtomDictionary(torch.randn(2, 6, 4), role="v")
+        >>> proj = SharedConv1D(4, bias=torch.zeros(6))
+        >>> proj.add_shared("v", d, torch.tensor([1.0, 0.5]))
+        >>> proj.weight.shape, proj.nf, proj.nx
+        (torch.Size([4, 6]), 6, 4)
+    """
+
+    @property
+    def weight(self) -> Tensor:
+        """The full weight as ``Conv1D`` stores it, ``(in_features, out_features)``."""
+        return SharedProjection.weight.fget(self).T
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        SharedProjection.weight.fset(self, value)
+
+    @property
+    def nf(self) -> int:
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        return self.in_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.bias is None:
+            out = rows @ self.weight
+        else:
+            out = torch.addmm(self.bias, rows, self.weight)
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+class SharedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose packed ``in_proj_weight`` is composed.
+
+    The packed ``(3 * embed_dim, embed_dim)`` input projection lives in the child
+    ``in_proj``, a :class:`SharedProjection` with parts q, k and v;
+    ``in_proj_weight`` reads its composed weight, so ``nn.MultiheadAttention``'s
+    own forward (and ``F.multi_head_attention_forward``) run unchanged. The output
+    projection ``out_proj`` is replaced on its own, like any Linear.
+
+    Built by :meth:`from_module` from an existing module, whose parameters and
+    settings it takes over (the original module is left as it was).
+    """
+
+    in_proj: SharedProjection
+
+    @classmethod
+    def from_module(
+        cls, module: nn.MultiheadAttention, in_proj: SharedProjection
+    ) -> SharedMultiheadAttention:
+        """A copy of ``module`` whose packed input weight comes from ``in_proj``."""
+        if not module._qkv_same_embed_dim:
+            raise NotImplementedError(
+                "nn.MultiheadAttention with kdim/vdim different from embed_dim keeps "
+                "separate q/k/v weights; sharing them is not supported yet."
+            )
+        new = cls.__new__(cls)
+        new.__dict__ = dict(module.__dict__)
+        for name in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[name] = dict(module.__dict__[name])
+        del new._parameters["in_proj_weight"]
+        new.in_proj = in_proj
+        return new
+
+    @property
+    def in_proj_weight(self) -> Tensor:
+        """The packed ``(3 * embed_dim, embed_dim)`` weight, composed on each read."""
+        return self.in_proj.weight

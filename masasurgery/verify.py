@@ -8,7 +8,14 @@ The two halves are kept apart:
    in the converted run) and end to end.
 2. **The approximation error** of the chosen atoms: per layer and role (relative
    Frobenius error of the weight) and end to end on the user's inputs (max abs,
-   relative L2, cosine). With as many atoms as blocks it must pass too.
+   relative L2, cosine; for classifiers top-1 agreement, for LMs top-1 agreement
+   and KL of the next-token distributions). With as many atoms as blocks it must
+   pass too. An optional float64 CPU run of the original model shows the noise
+   floor of the kernels next to the approximation error.
+
+Every run uses the same kernels and precision: TF32 off, one SDPA backend,
+``nn.MultiheadAttention``'s fused fast path off, the model's own ``fused_attn``
+flags (recorded), and the same random seed. Everything is restored afterwards.
 
 Only one copy of the model is ever on the device: the original projections and their
 reconstructions are swapped into the model in turn, and swapped back.
@@ -18,21 +25,37 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
-from masasurgery._state import model_device, preserved, tf32_off
-from masasurgery.errors import VerificationError
+from masasurgery._state import (
+    cast_floating,
+    fused_attn_settings,
+    model_device,
+    pinned_kernels,
+    preserved,
+    sdpa_backend_of,
+)
+from masasurgery.errors import MasaWarning
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.layouts import LAYOUTS
 from masasurgery.passes.rewrite import _set_submodule
-from masasurgery.report import format_table
 from masasurgery.tolerances import Tolerance, tolerance_for
+from masasurgery.verify_compare import RunOutput, check_task, compare, resolve_task
+from masasurgery.verify_report import (
+    Comparison,
+    LayerCheck,
+    LayerError,
+    ReferenceCheck,
+    VerificationReport,
+)
 
 if TYPE_CHECKING:
     from masasurgery.convert import Conversion
@@ -41,155 +64,13 @@ __all__ = [
     "Comparison",
     "LayerCheck",
     "LayerError",
+    "ReferenceCheck",
     "VerificationReport",
     "verify",
 ]
 
-
-@dataclass
-class Comparison:
-    """Outputs of two runs, compared over all their floating-point tensors.
-
-    Attributes:
-        max_abs: Largest absolute difference.
-        rel_l2: ``||actual - expected|| / ||expected||``.
-        cosine: Cosine similarity of the flattened outputs.
-        excess: How far the worst element is beyond the tolerance; <= 0 passes.
-    """
-
-    max_abs: float
-    rel_l2: float
-    cosine: float
-    excess: float
-
-    @property
-    def passed(self) -> bool:
-        return self.excess <= 0.0
-
-
-@dataclass
-class LayerCheck:
-    """One part-1 check of one projection and role.
-
-    Attributes:
-        target: Qualified name of the projection.
-        role: The role whose rows were compared (``"bias"`` for the bias).
-        check: ``"weight"``, ``"bias"`` or ``"output"``.
-        max_abs: Largest absolute difference to the reference.
-        passed: Within tolerance.
-    """
-
-    target: str
-    role: str
-    check: str
-    max_abs: float
-    passed: bool
-
-
-@dataclass
-class LayerError:
-    """The approximation error of one block's weight for one role."""
-
-    group: int
-    block: str
-    role: str
-    relative_error: float
-
-
-@dataclass
-class VerificationReport:
-    """The verifier's findings; print it for a table, ``to_dict`` for JSON.
-
-    Attributes:
-        device: Where the runs took place.
-        dtype: The model's parameter dtype.
-        tolerance: The tolerance applied (from the one table).
-        settings: Kernel settings pinned during the runs.
-        rewrite: Converted vs original-with-reconstructed-weights (part 1).
-        approximation: Converted vs original (part 2).
-        layer_checks: Per projection and role checks of part 1.
-        layer_errors: Per block and role weight errors of part 2.
-        lossless: Every dictionary has as many atoms as blocks, so part 2 must pass.
-    """
-
-    device: str
-    dtype: str
-    tolerance: Tolerance
-    settings: dict[str, Any]
-    rewrite: Comparison
-    approximation: Comparison
-    layer_checks: list[LayerCheck] = field(repr=False)
-    layer_errors: list[LayerError] = field(repr=False)
-    lossless: bool = False
-
-    @property
-    def rewrite_exact(self) -> bool:
-        """Part 1: every projection and the whole model match the reference."""
-        return self.rewrite.passed and all(c.passed for c in self.layer_checks)
-
-    @property
-    def passed(self) -> bool:
-        """Part 1 holds, and part 2 too when the conversion is lossless."""
-        return self.rewrite_exact and (self.approximation.passed or not self.lossless)
-
-    @property
-    def failures(self) -> list[str]:
-        """One line per failed check, naming the layer and role."""
-        lines = [
-            f"rewrite not exact at {c.target} role {c.role} ({c.check}): "
-            f"max abs {c.max_abs:.3g}"
-            for c in self.layer_checks
-            if not c.passed
-        ]
-        if not self.rewrite.passed:
-            lines.append(
-                "rewrite not exact end to end: max abs "
-                f"{self.rewrite.max_abs:.3g} vs the original with fitted weights"
-            )
-        if self.lossless and not self.approximation.passed:
-            lines.append(
-                "lossless conversion differs from the original: max abs "
-                f"{self.approximation.max_abs:.3g}"
-            )
-        return lines
-
-    def raise_if_failed(self) -> None:
-        """Raise VerificationError listing the failures, if any."""
-        if not self.passed:
-            raise VerificationError("\n".join(self.failures))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data for JSON."""
-        return {
-            "device": self.device,
-            "dtype": self.dtype,
-            "tolerance": asdict(self.tolerance),
-            "settings": dict(self.settings),
-            "rewrite_exact": self.rewrite_exact,
-            "passed": self.passed,
-            "lossless": self.lossless,
-            "rewrite": asdict(self.rewrite),
-            "approximation": asdict(self.approximation),
-            "layer_checks": [asdict(c) for c in self.layer_checks],
-            "layer_errors": [asdict(e) for e in self.layer_errors],
-            "failures": self.failures,
-        }
-
-    def __str__(self) -> str:
-        t, r, a = self.tolerance, self.rewrite, self.approximation
-        verdict = "PASS" if self.rewrite_exact else "FAIL"
-        lossless = ("PASS" if a.passed else "FAIL") if self.lossless else "not lossless"
-        lines = [
-            f"Verification on {self.device} ({self.dtype}, atol={t.atol:g}, "
-            f"rtol={t.rtol:g}, TF32 off)",
-            f"  part 1, rewrite exact: {verdict}  (max abs {r.max_abs:.3g} against "
-            f"the original with fitted weights; {len(self.layer_checks)} layer checks)",
-            f"  part 2, approximation: max abs {a.max_abs:.4g}, relative L2 "
-            f"{a.rel_l2:.4g}, cosine {a.cosine:.6f}  [{lossless}]",
-        ]
-        lines += ["", _layer_table(self.layer_errors)]
-        lines += [f"  FAILED: {line}" for line in self.failures]
-        return "\n".join(lines)
+#: The seed every run starts from, so that dropout draws the same masks.
+SEED = 0
 
 
 def verify(
@@ -199,14 +80,18 @@ def verify(
     *,
     device: torch.device | str | None = None,
     tolerance: Tolerance | None = None,
+    task: str = "auto",
+    sdpa_backend: SDPBackend | str | None = None,
+    reference_float64: bool = False,
 ) -> VerificationReport:
     """Check a converted model against its reference and its original.
 
     The model, the kept original projections and the reference projections are
     moved to ``device`` one model at a time (originals and references are small:
     the attention projections alone), and back afterwards. Train/eval modes,
-    devices and TF32 settings are restored, also when a run raises. In train
-    mode every run starts from the same random seed, so dropout masks agree.
+    devices, ``requires_grad``, TF32, SDPA and fast-path settings are restored,
+    also when a run raises. In train mode every run starts from the same random
+    seed, so dropout masks agree.
 
     Args:
         model: The converted model.
@@ -216,39 +101,126 @@ def verify(
         device: Where to run; CUDA when available, else CPU. A model spread over
             several devices runs where it is.
         tolerance: Overrides the table entry for the model's dtype and device.
+        task: Which prediction figures to add to part 2: ``"classification"``
+            (top-1 agreement of ``(batch, classes)`` logits), ``"lm"`` (top-1
+            agreement and mean KL of the ``(batch, seq, vocab)`` next-token
+            logits), ``"none"``, or ``"auto"``: told from the output (``logits``
+            of rank 2 or 3, or a plain 2-D tensor from a model with classes).
+        sdpa_backend: The one scaled-dot-product-attention kernel every run may
+            use: an ``SDPBackend`` or ``"math"``, ``"flash"``, ``"efficient"``,
+            ``"cudnn"``. Default: the math kernel, on every device and dtype.
+        reference_float64: Also run the original model in float64 on the CPU
+            and report both models against it: the original's error there is the
+            noise floor of the kernels and dtype. Casts the model's tensors to
+            CPU copies for that run (no second copy on ``device``) and puts the
+            very same tensors back.
 
     Returns:
         Both halves of the verification, in figures.
+
+    Raises:
+        ConfigError: ``task`` or ``sdpa_backend`` is unknown, or ``task`` names
+            logits the output does not have.
+        VerificationError: The runs returned outputs of different structure.
 
     Example:
         >>> import timm, masasurgery
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=3)
         >>> x = torch.randn(2, 3, 224, 224)
         >>> conversion = masasurgery.convert(m, atoms=1, example_inputs=x, verify=False)
-        >>> report = masasurgery.verify(m, conversion, x, device="cpu")
-        >>> report.rewrite_exact, report.lossless
-        (True, False)
+        >>> report = masasurgery.verify(
+        ...     m, conversion, x, device="cpu", reference_float64=True
+        ... )
+        >>> report.rewrite_exact, report.lossless, report.task
+        (True, False, 'classification')
+        >>> noise, error = report.reference.original, report.reference.converted
+        >>> noise.max_abs < 1e-3 < error.max_abs
+        True
     """
-    # Where and at which precision
-    done = conversion.rewrite
-    references = _references(conversion)
-    movable = model_device(model) is not None
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device) if movable else model_device(model)
+    # Options first, so that a bad one fails before anything moves
+    check_task(task)
+    backend = sdpa_backend_of(sdpa_backend)
+    device = _run_device(model, device)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     tolerance = tolerance or tolerance_for(dtype, device or "cpu")
+    training = model.training
+    if reference_float64 and training and (device is None or device.type != "cpu"):
+        warnings.warn(
+            "the float64 reference runs on the CPU, where dropout draws other masks "
+            f"than on {device}; in train mode its figures include that difference. "
+            "Call model.eval() first, or verify on device='cpu'.",
+            MasaWarning,
+            stacklevel=2,
+        )
 
+    # Runs with pinned kernels, everything restored afterwards
+    runs = _runs(
+        model, conversion, example_inputs, device, tolerance, backend, reference_float64
+    )
+
+    # Figures
+    task = resolve_task(task, runs.converted.output, model)
+    mask = _attention_mask(example_inputs)
+    figures = dict(tolerance=tolerance, task=task, mask=mask)
+    reference = None
+    if runs.float64 is not None:
+        reference = ReferenceCheck(
+            original=compare(runs.original, runs.float64, **figures),
+            converted=compare(runs.converted, runs.float64, **figures),
+        )
+    return VerificationReport(
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        tolerance=tolerance,
+        settings={**runs.settings, "seed": SEED, "training": training},
+        rewrite=compare(runs.converted, runs.reconstructed, **figures),
+        approximation=compare(runs.converted, runs.original, **figures),
+        layer_checks=list(runs.checks.values()),
+        layer_errors=_layer_errors(conversion),
+        lossless=conversion.lossless,
+        task=task,
+        reference=reference,
+    )
+
+
+@dataclass
+class _Runs:
+    """The outputs of every run, the part-1 checks and the settings in force."""
+
+    converted: RunOutput
+    reconstructed: RunOutput
+    original: RunOutput
+    float64: RunOutput | None
+    checks: dict[tuple[str, str, str], LayerCheck]
+    settings: dict[str, Any]
+
+
+def _runs(
+    model: nn.Module,
+    conversion: Conversion,
+    example_inputs: Any,
+    device: torch.device | None,
+    tolerance: Tolerance,
+    backend: SDPBackend,
+    reference_float64: bool,
+) -> _Runs:
+    done = conversion.rewrite
+    references = _references(conversion)
     modules = [model, *done.originals.values(), *references.values()]
-    with preserved(*modules), tf32_off() as settings, torch.no_grad():
+    with (
+        preserved(*modules),
+        pinned_kernels(backend) as settings,
+        torch.no_grad(),
+    ):
         # Move everything to the device, one model's worth
-        if movable:
+        if device is not None and model_device(model) is not None:
             for module in modules:
                 module.to(device)
-        inputs = Inputs.of(example_inputs).to(device) if movable else example_inputs
-        inputs = Inputs.of(inputs)
+            inputs = Inputs.of(example_inputs).to(device)
+        else:
+            inputs = Inputs.of(example_inputs)
 
-        # Three runs: converted (checking each projection), reference, original
+        # Converted (checking each projection), reference, original
         checks: dict[tuple[str, str, str], LayerCheck] = {}
         _check_weights(done.replacements, references, conversion, tolerance, checks)
         with _output_checks(
@@ -260,17 +232,30 @@ def verify(
         with _swapped(model, done.originals):
             original = _run(model, inputs)
 
-    return VerificationReport(
-        device=str(device),
-        dtype=str(dtype).removeprefix("torch."),
-        tolerance=tolerance,
-        settings={**settings, "seed": 0, "training": model.training},
-        rewrite=_compare(converted, reconstructed, tolerance),
-        approximation=_compare(converted, original, tolerance),
-        layer_checks=list(checks.values()),
-        layer_errors=_layer_errors(conversion),
-        lossless=conversion.lossless,
-    )
+        # The original once more, in float64 on the CPU
+        float64 = None
+        if reference_float64:
+            float64 = _float64_run(model, done.originals, Inputs.of(example_inputs))
+
+    settings = {**settings, "fused_attn": fused_attn_settings(model)}
+    return _Runs(converted, reconstructed, original, float64, checks, settings)
+
+
+def _run_device(
+    model: nn.Module, device: torch.device | str | None
+) -> torch.device | None:
+    # A model spread over several devices runs where it is
+    if model_device(model) is None:
+        return None
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def _attention_mask(example_inputs: Any) -> Tensor | None:
+    inputs = Inputs.of(example_inputs)
+    mask = inputs.kwargs.get("attention_mask")
+    return mask if isinstance(mask, Tensor) else None
 
 
 # ---------------------------------------------------------------------------
@@ -299,13 +284,18 @@ def _roles_by_target(
     return out
 
 
-def _references(conversion: Conversion) -> dict[str, nn.Module]:
-    layouts = {
+def _layouts(conversion: Conversion) -> dict[str, str]:
+    """The storage layout of every projection of the converted groups."""
+    return {
         p.target: p.layout
         for g in conversion.analysis.groups
         for s in g.sites
         for p in s.projections
     }
+
+
+def _references(conversion: Conversion) -> dict[str, nn.Module]:
+    layouts = _layouts(conversion)
     references = {}
     for target, parts in _roles_by_target(conversion).items():
         reference = copy.deepcopy(conversion.rewrite.originals[target])
@@ -328,8 +318,12 @@ def _check_weights(
     tolerance: Tolerance,
     checks: dict[tuple[str, str, str], LayerCheck],
 ) -> None:
+    layouts = _layouts(conversion)
     for target, parts in _roles_by_target(conversion).items():
-        actual, expected = replacements[target].weight, references[target].weight
+        # Rows of the (out, in) matrix, whatever layout the module stores
+        layout = LAYOUTS[layouts[target]]
+        read = layout.weight
+        actual, expected = read(replacements[target]), read(references[target])
         for role, start, stop, _ in parts:
             _record(
                 checks,
@@ -340,7 +334,8 @@ def _check_weights(
                 expected[start:stop],
                 tolerance,
             )
-        bias, ref_bias = replacements[target].bias, references[target].bias
+        bias = layout.bias(replacements[target])
+        ref_bias = layout.bias(references[target])
         if (bias is None) != (ref_bias is None):
             checks[target, "bias", "bias"] = LayerCheck(
                 target, "bias", "bias", float("inf"), False
@@ -377,8 +372,12 @@ def _output_checks(
 
         return hook
 
+    # Only modules the model calls on the projection's input can be hooked
+    layouts = _layouts(conversion)
     for target in parts:
-        handles.append(replacements[target].register_forward_hook(make_hook(target)))
+        if LAYOUTS[layouts[target]].called:
+            module = replacements[target]
+            handles.append(module.register_forward_hook(make_hook(target)))
     try:
         yield
     finally:
@@ -405,7 +404,7 @@ def _record(
 
 
 # ---------------------------------------------------------------------------
-# Runs and comparisons
+# Runs
 
 
 @contextlib.contextmanager
@@ -421,44 +420,36 @@ def _swapped(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[Non
             _set_submodule(model, target, module)
 
 
-def _run(model: nn.Module, inputs: Inputs) -> list[Tensor]:
+def _run(model: nn.Module, inputs: Inputs) -> RunOutput:
     # Same seed for every run, so dropout in train mode draws the same masks
     devices = (
         list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     )
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(0)
-        output = inputs.call(model)
-    leaves = pytree.tree_leaves(output)
-    return [t for t in leaves if isinstance(t, Tensor) and t.is_floating_point()]
+        torch.manual_seed(SEED)
+        return RunOutput.of(inputs.call(model))
 
 
-def _compare(
-    actual: list[Tensor], expected: list[Tensor], tolerance: Tolerance
-) -> Comparison:
-    shapes = [tuple(t.shape) for t in actual], [tuple(t.shape) for t in expected]
-    if shapes[0] != shapes[1]:
-        raise VerificationError(
-            f"the runs' outputs differ in structure: {shapes[0]} vs {shapes[1]}"
-        )
-    if not actual:
-        raise VerificationError(
-            "the model returned no floating-point tensor to compare."
-        )
-    a = torch.cat([t.detach().double().flatten().cpu() for t in actual])
-    e = torch.cat([t.detach().double().flatten().cpu() for t in expected])
-    diff = a - e
-    denominator = (a.norm() * e.norm()).clamp_min(torch.finfo(torch.float64).tiny)
-    return Comparison(
-        max_abs=diff.abs().max().item(),
-        rel_l2=(
-            diff.norm() / e.norm().clamp_min(torch.finfo(torch.float64).tiny)
-        ).item(),
-        cosine=(a @ e / denominator).item(),
-        excess=max(
-            tolerance.excess(x, y) for x, y in zip(actual, expected, strict=True)
-        ),
-    )
+def _float64_run(
+    model: nn.Module, originals: Mapping[str, nn.Module], inputs: Inputs
+) -> RunOutput:
+    """The original model in float64 on the CPU, with the math SDPA kernel."""
+    with (
+        _swapped(model, originals),
+        cast_floating(model, "cpu", torch.float64),
+        sdpa_kernel(SDPBackend.MATH),
+    ):
+        return _run(model, _float64_inputs(inputs))
+
+
+def _float64_inputs(inputs: Inputs) -> Inputs:
+    def cast(x: Any) -> Any:
+        if not isinstance(x, Tensor):
+            return x
+        return x.to("cpu", torch.float64) if x.is_floating_point() else x.cpu()
+
+    args, kwargs = pytree.tree_map(cast, (inputs.args, inputs.kwargs))
+    return Inputs(args=tuple(args), kwargs=dict(kwargs))
 
 
 def _layer_errors(conversion: Conversion) -> list[LayerError]:
@@ -471,17 +462,3 @@ def _layer_errors(conversion: Conversion) -> list[LayerError]:
             for site, error in zip(group.sites, fit.layer_errors.tolist(), strict=True):
                 errors.append(LayerError(group.index, site.block, role, error))
     return errors
-
-
-def _layer_table(errors: list[LayerError]) -> str:
-    roles = [r for r in ("q", "k", "v", "o") if any(e.role == r for e in errors)]
-    blocks: dict[tuple[int, str], dict[str, float]] = {}
-    for e in errors:
-        blocks.setdefault((e.group, e.block), {})[e.role] = e.relative_error
-    rows = [
-        [g, block, *(f"{by_role[r]:.3f}" if r in by_role else "-" for r in roles)]
-        for (g, block), by_role in blocks.items()
-    ]
-    return "relative weight error per layer\n" + format_table(
-        ["group", "block", *roles], rows
-    )

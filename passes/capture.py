@@ -11,8 +11,9 @@ attention finder replays data-movement ops with those values.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from masasurgery.errors import CaptureError
 
-__all__ = ["Capture", "Inputs", "capture"]
+__all__ = ["CAPTURE_PATHS", "Capture", "Inputs", "capture"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,23 +68,31 @@ class Capture:
     """A model captured as a graph.
 
     Attributes:
-        gm: The graph module; its ``call_module`` targets are the model's own
-            qualified names, and it shares (does not copy) the model's modules.
-        path: Which capture path succeeded (``"fx"``).
+        gm: The graph module. Its ``call_module`` and ``get_attr`` targets are the
+            model's own qualified names (``blocks.0.attn.qkv.weight``).
+        path: Which capture path succeeded (``"fx"`` or ``"export"``).
+        model: The captured model; projections are looked up in it by name.
         failures: The paths tried before ``path``, each with why it failed.
     """
 
     gm: fx.GraphModule
     path: str
+    model: nn.Module = field(repr=False)
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def capture(model: nn.Module, inputs: Inputs) -> Capture:
+def capture(model: nn.Module, inputs: Inputs, paths: Sequence[str] = ()) -> Capture:
     """Capture ``model`` as an fx graph and record shapes from ``inputs``.
+
+    The paths are tried in order: torch.fx symbolic tracing (with timm's leaf and
+    autowrap registries), then ``torch.export`` (non-strict; it traces through
+    modules that fx keeps as leaves, and captures transformers models, which fx
+    cannot since transformers 5).
 
     Args:
         model: The model to read. It is not changed.
         inputs: Example inputs for one forward.
+        paths: Which paths to try, in order; all of :data:`CAPTURE_PATHS` if empty.
 
     Returns:
         The graph, the path used, and the failures of earlier paths.
@@ -98,16 +107,15 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
         'fx'
     """
     failures: dict[str, str] = {}
-    for path, trace in _CAPTURE_PATHS:
+    for path in paths or CAPTURE_PATHS:
         try:
-            gm = trace(model, inputs)
-            _propagate(gm, inputs)
+            gm = CAPTURE_PATHS[path](model, inputs)
         except Exception as e:  # any failure moves on to the next path
-            failures[path] = f"{type(e).__name__}: {e}"
+            failures[path] = f"{type(e).__name__}: {_first_line(e)}"
             logger.debug("capture path %r failed: %s", path, failures[path])
             continue
         logger.debug("captured %s with path %r", type(model).__name__, path)
-        return Capture(gm=gm, path=path, failures=failures)
+        return Capture(gm=gm, path=path, model=model, failures=failures)
 
     reasons = "\n".join(f"  {p}: {why}" for p, why in failures.items())
     raise CaptureError(
@@ -119,16 +127,62 @@ def capture(model: nn.Module, inputs: Inputs) -> Capture:
 
 def _trace_fx(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
     tracer = _MasaTracer()
-    concrete = {k: v for k, v in inputs.kwargs.items() if not _is_tensor(v)}
+    concrete = _concrete_args(model, inputs)
     graph = tracer.trace(model, concrete_args=concrete or None)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _propagate(gm, inputs)
+    return gm
 
 
-# Capture paths, tried in order. TODO(issue 3): torch.export and a structural
-# fallback for models fx cannot trace (transformers v5, a quarter of timm).
-_CAPTURE_PATHS: list[tuple[str, Callable[[nn.Module, Inputs], fx.GraphModule]]] = [
-    ("fx", _trace_fx),
-]
+def _trace_export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
+    # Non-strict export keeps parameters under their own names in the unlifted
+    # module, and records a FakeTensor (shape) or int on every node
+    with torch.no_grad():
+        program = torch.export.export(
+            model, inputs.args, inputs.kwargs or None, strict=False
+        )
+    gm = program.module()
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if _has_tensor(value):
+            node.meta["tensor_meta"] = map_aggregate(value, _tensor_meta)
+        elif isinstance(value, (int, float, bool, tuple, list)):
+            node.meta["value"] = value
+    return gm
+
+
+#: Capture paths, tried in order; the first that captures is used.
+#: TODO(issue 3): a structural fallback (module tree, no graph) for models that
+#: neither fx nor export can capture.
+CAPTURE_PATHS: dict[str, Callable[[nn.Module, Inputs], fx.GraphModule]] = {
+    "fx": _trace_fx,
+    "export": _trace_export,
+}
+
+
+def _concrete_args(model: nn.Module, inputs: Inputs) -> dict[str, Any]:
+    """Non-tensor keyword inputs, and the defaults of forward arguments not given.
+
+    fx cannot trace ``if mask is not None or is_causal`` on Proxies; fixing the
+    arguments the user left out to their plain defaults (None, flags, numbers)
+    makes such branches concrete.
+    """
+    concrete = {k: v for k, v in inputs.kwargs.items() if not _is_tensor(v)}
+    signature = inspect.signature(model.forward)
+    names = list(signature.parameters)[len(inputs.args) :]
+    for name in names:
+        default = signature.parameters[name].default
+        if name not in inputs.kwargs and isinstance(default, _PLAIN_DEFAULTS):
+            concrete[name] = default
+    return concrete
+
+
+_PLAIN_DEFAULTS = (type(None), bool, int, float, str)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else ""
 
 
 class _MasaTracer(fx.Tracer):

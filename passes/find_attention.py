@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from masasurgery.passes.capture import Capture
+from masasurgery.passes.layouts import LAYOUTS
 from torch import fx, nn
 
 __all__ = [
@@ -79,8 +80,9 @@ class AttentionSite:
         projections: The projection modules, in role order.
         num_heads: Heads of q, read from its shape, when q is 4-D.
         head_dim: Width of one head of q.
-        nodes: Names of the nodes between the projections and the output
-            projection: the attention subgraph, used to group blocks.
+        nodes: Names of the structural nodes between the projections and the
+            output projection (projections, data movement, the core's matmuls
+            and softmax): the attention subgraph, used to group blocks.
     """
 
     core: str
@@ -117,6 +119,7 @@ class _Walk:
     """A path from a projection node to a core input, in forward order."""
 
     target: str
+    layout: str
     source: fx.Node
     chain: list[fx.Node]
 
@@ -147,7 +150,7 @@ def find_attention(capture: Capture) -> Findings:
         >>> found.sites[0].projection_of("q").roles
         {'q': (0, 192), 'k': (192, 384), 'v': (384, 576)}
     """
-    modules = dict(capture.gm.named_modules())
+    modules = dict(capture.gm.named_modules()) | dict(capture.model.named_modules())
     sites: list[AttentionSite] = []
     skipped: list[SkippedSite] = []
     for node in capture.gm.graph.nodes:
@@ -190,13 +193,20 @@ def _read_site(core: _Core, modules: dict[str, nn.Module]) -> AttentionSite:
     # Walk forward from the core to the output projection
     o_walk = _walk_to_output(core.out, modules)
     if o_walk is not None:
-        width = _weight_shape(o_walk.target, modules)[0]
+        width = _weight_shape(o_walk, modules)[0]
         _add_role(projections, o_walk, "o", (0, width), modules)
         walks.append(o_walk)
 
     # The attention subgraph, for grouping, and the head layout of q
-    nodes = [n for w in walks for n in [w.source, *w.chain]] + core.inner
-    nodes = list(dict.fromkeys([*nodes, core.node, core.out]))
+    # The structure of the site: projections, data movement and the core. Masks,
+    # scales and norms are left out, so Swin's shifted and plain windows match
+    nodes = [
+        n
+        for w in walks
+        for n in [w.source, *w.chain]
+        if n is w.source or _moves_data(n)
+    ]
+    nodes = list(dict.fromkeys([*nodes, *_core_structure(core)]))
     shape = _shape(core.q)
     heads = (shape[1], shape[-1]) if shape is not None and len(shape) == 4 else None
     ordered = sorted(projections.values(), key=lambda p: _first_role(p))
@@ -211,6 +221,13 @@ def _read_site(core: _Core, modules: dict[str, nn.Module]) -> AttentionSite:
     )
 
 
+def _core_structure(core: _Core) -> list[fx.Node]:
+    if core.kind == "sdpa":
+        return [core.node]
+    scores = [n for n in core.inner if _is_matmul(n)]
+    return [*scores, core.node, core.out]
+
+
 def _add_role(
     projections: dict[str, Projection],
     walk: _Walk,
@@ -218,10 +235,10 @@ def _add_role(
     rows: tuple[int, int],
     modules: dict[str, nn.Module],
 ) -> None:
-    out_features, in_features = _weight_shape(walk.target, modules)
+    out_features, in_features = _weight_shape(walk, modules)
     projection = projections.setdefault(
         walk.target,
-        Projection(walk.target, {}, out_features, in_features),
+        Projection(walk.target, {}, out_features, in_features, walk.layout),
     )
     for other, (start, stop) in projection.roles.items():
         if start < rows[1] and rows[0] < stop:
@@ -240,14 +257,30 @@ def _first_role(projection: Projection) -> int:
 # Cores
 
 
-_SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-_SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
-_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+aten = torch.ops.aten
+
+# Ops are compared by packet, so every overload of an aten op matches.
+_SDPA = {
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    aten.scaled_dot_product_attention,
+}
+_SOFTMAX_FUNCTIONS = {
+    F.softmax, torch.softmax, torch.Tensor.softmax,
+    aten.softmax, aten._softmax, aten._safe_softmax,
+}  # fmt: skip
+_MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, aten.matmul, aten.bmm}
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+_EINSUM_FUNCTIONS = {torch.einsum, aten.einsum}
+_LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear}
+# Ops that multiply by a weight at this argument position: x @ W (+ bias)
+_MATMUL_WEIGHT_ARG = {aten.addmm: 2, aten.mm: 1, aten.matmul: 1, torch.addmm: 2}
+# Ops whose data input is not their first node argument
+_DATA_ARG = {aten.addmm: 1, torch.addmm: 1}
 
 
 def _match_core(node: fx.Node, modules: dict[str, nn.Module]) -> _Core | None:
-    if node.op == "call_function" and node.target in _SDPA:
+    if node.op == "call_function" and _packet(node.target) in _SDPA:
         q, k, v = (
             _arg(node, i, name) for i, name in enumerate(("query", "key", "value"))
         )
@@ -260,11 +293,13 @@ def _match_core(node: fx.Node, modules: dict[str, nn.Module]) -> _Core | None:
 def _match_softmax_core(
     softmax: fx.Node, modules: dict[str, nn.Module]
 ) -> _Core | None:
-    # Back from the softmax, through scaling and masking, to the scores matmul
+    # Back from the softmax, through scaling, masking and reshapes (Swin's
+    # shifted windows add their mask per window), to the scores matmul
     inner = []
     scores = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
     while isinstance(scores, fx.Node) and not _is_matmul(scores):
-        if not _passes_through(scores, modules) or len(inner) > 8:
+        layout_op = _passes_through(scores, modules) or _moves_data(scores)
+        if not layout_op or len(inner) > 8:
             return None
         inner.append(scores)
         scores = _data_input(scores)
@@ -275,25 +310,37 @@ def _match_softmax_core(
     probs = softmax
     while len(probs.users) == 1:
         user = next(iter(probs.users))
-        if _is_matmul(user) and user.args[0] is probs:
-            q, k = scores.args[0], scores.args[1]
+        if _is_matmul(user) and _operands(user)[0] is probs:
+            (q, k), v = _operands(scores), _operands(user)[1]
             inner += [scores, softmax, probs]
-            return _Core(softmax, "softmax", q, k, user.args[1], out=user, inner=inner)
+            return _Core(softmax, "softmax", q, k, v, out=user, inner=inner)
         if not _passes_through(user, modules):
             return None
         probs = user
     return None
 
 
+def _operands(matmul: fx.Node) -> tuple[Any, Any]:
+    """The two tensors a matmul (or a two-operand einsum) multiplies."""
+    if _packet(matmul.target) in _EINSUM_FUNCTIONS:
+        operands = matmul.args[1:]
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = operands[0]  # aten.einsum(equation, [a, b])
+        return (operands[0], operands[1]) if len(operands) == 2 else (None, None)
+    return matmul.args[0], matmul.args[1]
+
+
 def _is_softmax(node: fx.Node) -> bool:
     if node.op == "call_function":
-        return node.target in _SOFTMAX_FUNCTIONS
+        return _packet(node.target) in _SOFTMAX_FUNCTIONS
     return node.op == "call_method" and node.target == "softmax"
 
 
 def _is_matmul(node: fx.Node) -> bool:
+    if node.op == "call_function" and _packet(node.target) in _EINSUM_FUNCTIONS:
+        return _operands(node)[1] is not None
     if node.op == "call_function":
-        return node.target in _MATMUL_FUNCTIONS
+        return _packet(node.target) in _MATMUL_FUNCTIONS
     return node.op == "call_method" and node.target in _MATMUL_METHODS
 
 
@@ -309,9 +356,9 @@ def _walk_to_projection(start: Any, modules: dict[str, nn.Module]) -> _Walk:
     chain: list[fx.Node] = []
     node = start
     while isinstance(node, fx.Node) and len(chain) < _MAX_WALK:
-        target = _projection_target(node, modules)
-        if target is not None:
-            return _Walk(target=target, source=node, chain=chain[::-1])
+        found = _projection(node, modules)
+        if found is not None:
+            return _Walk(*found, source=node, chain=chain[::-1])
         if not (_moves_data(node) or _passes_through(node, modules)):
             raise _NotASite(
                 f"no projection before {start}: stopped at {_describe(node)}"
@@ -328,9 +375,9 @@ def _walk_to_output(start: fx.Node, modules: dict[str, nn.Module]) -> _Walk | No
         user = next(iter(node.users))
         if _data_input(user) is not node:
             return None
-        target = _projection_target(user, modules)
-        if target is not None:
-            return _Walk(target=target, source=user, chain=chain)
+        found = _projection(user, modules)
+        if found is not None:
+            return _Walk(*found, source=user, chain=chain)
         if not (_moves_data(user) or _passes_through(user, modules)):
             return None
         chain.append(user)
@@ -338,30 +385,69 @@ def _walk_to_output(start: fx.Node, modules: dict[str, nn.Module]) -> _Walk | No
     return None
 
 
-def _projection_target(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The qualified name of the module whose weight ``node`` projects with."""
-    if node.op == "call_module" and isinstance(modules.get(node.target), nn.Linear):
-        return node.target
-    if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
+def _projection(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str] | None:
+    """``(owner, layout)`` when ``node`` multiplies by a projection's weight.
+
+    Projections are recognised by the weight they read, not by the calling
+    module: ``F.linear(x, self.qkv.weight, bias)`` counts as ``qkv``.
+    """
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return (node.target, "linear") if isinstance(module, nn.Linear) else None
+    if node.op != "call_function":
+        return None
+
+    # F.linear / aten.linear on a Linear's weight (out, in), or on the packed
+    # in_proj_weight (3E, E) of nn.MultiheadAttention
+    if _packet(node.target) in _LINEAR_FUNCTIONS:
         weight = _arg(node, 1, "weight")
-        if isinstance(weight, fx.Node) and weight.op == "get_attr":
-            owner, _, name = weight.target.rpartition(".")
-            if name == "weight" and isinstance(modules.get(owner), nn.Linear):
-                return owner
+        owner = _weight_owner(weight, modules)
+        if owner is not None and isinstance(modules[owner], nn.Linear):
+            return owner, "linear"
+        owner = _weight_owner(weight, modules, name="in_proj_weight")
+        if owner is not None and isinstance(modules[owner], nn.MultiheadAttention):
+            return owner, "mha_in_proj"
+
+    # x @ W (+ b) on a weight stored (in, out), as GPT-2's Conv1D does
+    index = _MATMUL_WEIGHT_ARG.get(_packet(node.target))
+    if index is not None and len(node.args) > index:
+        owner = _weight_owner(node.args[index], modules)
+        if owner is not None and type(modules[owner]).__name__ == "Conv1D":
+            return owner, "conv1d"
     return None
 
 
-def _weight_shape(target: str, modules: dict[str, nn.Module]) -> tuple[int, int]:
-    out_features, in_features = modules[target].weight.shape
-    return out_features, in_features
+def _weight_owner(
+    weight: Any, modules: dict[str, nn.Module], name: str = "weight"
+) -> str | None:
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        return None
+    owner, _, attr = weight.target.rpartition(".")
+    return owner if attr == name and owner in modules else None
+
+
+def _weight_shape(walk: _Walk, modules: dict[str, nn.Module]) -> tuple[int, int]:
+    """``(out, in)`` of a projection's weight, whatever its storage layout."""
+    rows, cols = LAYOUTS[walk.layout].weight(modules[walk.target]).shape
+    return rows, cols
 
 
 def _data_input(node: fx.Node) -> fx.Node | None:
-    """The first node argument: the tensor a unary-like op transforms."""
+    """The tensor a unary-like op transforms: its first node argument, except
+    for ops like ``addmm(bias, x, W)`` whose data comes later."""
+    index = _DATA_ARG.get(_packet(node.target)) if node.op == "call_function" else None
+    if index is not None:
+        arg = node.args[index] if len(node.args) > index else None
+        return arg if isinstance(arg, fx.Node) else None
     for arg in node.args:
         if isinstance(arg, fx.Node):
             return arg
     return None
+
+
+def _packet(target: Any) -> Any:
+    """An aten overload's packet (``aten.view``), anything else as it is."""
+    return getattr(target, "overloadpacket", target)
 
 
 # Ops that only move data: replaying them on row indices is exact.
@@ -376,6 +462,11 @@ _MOVE_FUNCTIONS = {
     torch.chunk, torch.split, torch.flatten, torch.squeeze, torch.unsqueeze,
     torch.movedim, torch.narrow, torch.select, torch.repeat_interleave,
     torch.swapaxes, torch.tensor_split,
+    aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose,
+    aten.t, aten.unbind, aten.chunk, aten.split, aten.split_with_sizes,
+    aten.unflatten, aten.flatten, aten.squeeze, aten.unsqueeze, aten.expand,
+    aten.movedim, aten.narrow, aten.select, aten.slice, aten.repeat_interleave,
+    aten.clone, aten.contiguous, aten.alias, aten.tensor_split,
 }  # fmt: skip
 # Modules a walk may pass: they keep a tensor's layout (norms, dropout, identity).
 _LAYOUT_MODULES = (
@@ -389,7 +480,7 @@ def _moves_data(node: fx.Node) -> bool:
     if node.op == "call_function":
         if node.target is getattr and node.args[1] in ("T", "mT"):
             return True
-        return node.target in _MOVE_FUNCTIONS
+        return _packet(node.target) in _MOVE_FUNCTIONS
     return False
 
 
@@ -401,6 +492,8 @@ def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_module":
         module = modules.get(node.target)
         return isinstance(module, _LAYOUT_MODULES) or _is_small_norm(module)
+    if node.op == "call_function" and _packet(node.target) in _LINEAR_FUNCTIONS:
+        return False  # a Linear of width ``in == out`` is no layout op
     return node.op in ("call_function", "call_method") and not _is_matmul(node)
 
 

@@ -128,10 +128,25 @@ def _site_dag(
     for name in site.nodes:
         node = nodes[name]
         dag.add_node(name, op=_op_label(node, modules))
-        for arg in node.all_input_nodes:
-            if arg.name in members:
-                dag.add_edge(arg.name, name)
+        for arg in _member_inputs(node, members):
+            dag.add_edge(arg.name, name)
     return dag
+
+
+def _member_inputs(node: fx.Node, members: set[str], depth: int = 8) -> set[fx.Node]:
+    """The nearest members upstream of ``node``, through nodes left out of the
+    site's structure (masks, scales, norms)."""
+    found: set[fx.Node] = set()
+    frontier = list(node.all_input_nodes)
+    for _ in range(depth):
+        upstream = []
+        for arg in frontier:
+            if arg.name in members:
+                found.add(arg)
+            else:
+                upstream.extend(arg.all_input_nodes)
+        frontier = upstream
+    return found
 
 
 def _op_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:

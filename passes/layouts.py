@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from masasurgery.modules import SharedProjection
+from masasurgery.modules import (
+    SharedConv1D,
+    SharedMultiheadAttention,
+    SharedProjection,
+)
 
 __all__ = ["LAYOUTS", "Layout", "read_rows"]
 
@@ -23,11 +27,19 @@ class Layout:
 
     Attributes:
         weight: The module's weight as ``(out, in)``, a view where possible.
+        bias: The module's bias over the same rows, or None.
         replacement: An empty :class:`SharedProjection` standing in for the module.
+        install: Turns a filled replacement into the module that takes the
+            original's place (the replacement itself, for plain projections).
+        called: True when the model calls the module on the projection's input,
+            so its output can be checked against a reference in a hook.
     """
 
     weight: Callable[[nn.Module], Tensor]
     replacement: Callable[[nn.Module], SharedProjection]
+    bias: Callable[[nn.Module], Tensor | None] = lambda m: m.bias
+    install: Callable[[nn.Module, SharedProjection], nn.Module] = lambda m, new: new
+    called: bool = True
 
 
 def _linear_weight(module: nn.Module) -> Tensor:
@@ -35,20 +47,64 @@ def _linear_weight(module: nn.Module) -> Tensor:
 
 
 def _linear_replacement(module: nn.Module) -> SharedProjection:
-    bias = module.bias
-    if bias is not None:
-        bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
-    return SharedProjection(module.weight.shape[1], bias=bias)
+    return SharedProjection(module.weight.shape[1], bias=_bias_copy(module))
 
 
-#: Layout name -> reader and builder. TODO(issue 3): GPT-2 Conv1D (weight stored
-#: ``(in, out)``), nn.MultiheadAttention's packed in_proj, 1x1 convolutions.
+def _conv1d_weight(module: nn.Module) -> Tensor:
+    return module.weight.T
+
+
+def _conv1d_replacement(module: nn.Module) -> SharedProjection:
+    return SharedConv1D(module.weight.shape[0], bias=_bias_copy(module))
+
+
+def _bias_copy(module: nn.Module) -> nn.Parameter | None:
+    # A copy: the original module is kept, untouched, for verify and undo
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return None
+    return nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+
+
+def _mha_weight(module: nn.Module) -> Tensor:
+    return module.in_proj_weight
+
+
+def _mha_bias(module: nn.Module) -> Tensor | None:
+    return module.in_proj_bias
+
+
+def _mha_replacement(module: nn.Module) -> SharedProjection:
+    # The packed bias stays on the attention module as in_proj_bias
+    return SharedProjection(module.embed_dim, bias=None)
+
+
+def _mha_install(module: nn.Module, in_proj: SharedProjection) -> nn.Module:
+    new = SharedMultiheadAttention.from_module(module, in_proj)
+    if module.in_proj_bias is not None:
+        bias = module.in_proj_bias
+        new.in_proj_bias = nn.Parameter(bias.detach().clone(), bias.requires_grad)
+    return new
+
+
+#: Layout name -> reader and builder. TODO(issue 3): 1x1-convolution projections
+#: (mobilevitv2, efficientformerv2, efficientvit) are not a layout yet.
 LAYOUTS: dict[str, Layout] = {
-    # nn.Linear / F.linear on a module's weight: (out, in)
+    # nn.Linear / F.linear on a module's weight: stored (out, in)
     "linear": Layout(weight=_linear_weight, replacement=_linear_replacement),
+    # transformers' Conv1D (GPT-2): stored (in, out), computes x @ W + b
+    "conv1d": Layout(weight=_conv1d_weight, replacement=_conv1d_replacement),
+    # nn.MultiheadAttention's packed in_proj_weight (3E, E): q, k, v rows
+    "mha_in_proj": Layout(
+        weight=_mha_weight,
+        replacement=_mha_replacement,
+        bias=_mha_bias,
+        install=_mha_install,
+        called=False,
+    ),
 }
 
 
-def read_rows(module: nn.Module, layout: str, start: int, stop: int) -> Tensor:
+def read_rows(module: nn.Module, layout: str, start: int, stop: int | None) -> Tensor:
     """The rows ``[start, stop)`` of a projection's ``(out, in)`` weight, a view."""
     return LAYOUTS[layout].weight(module)[start:stop]
