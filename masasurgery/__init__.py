@@ -33,7 +33,9 @@ from masasurgery.materialize import materialize as materialize
 from masasurgery.modules import AtomDictionary as AtomDictionary
 from masasurgery.modules import DictionaryStore as DictionaryStore
 from masasurgery.modules import SharedConv1D as SharedConv1D
+from masasurgery.modules import SharedMultiheadAttention as SharedMultiheadAttention
 from masasurgery.modules import SharedProjection as SharedProjection
+from masasurgery.modules import set_weight_cache as set_weight_cache
 from masasurgery.passes.rewrite import RewritePlan as RewritePlan
 from masasurgery.passes.rewrite import plan_of as plan_of
 from masasurgery.passes.rewrite import rebuild as rebuild
@@ -67,6 +69,7 @@ __all__ = [
     "RewritePlan",
     "RoleFit",
     "SharedConv1D",
+    "SharedMultiheadAttention",
     "SharedProjection",
     "Tolerance",
     "VerificationError",
@@ -80,6 +83,7 @@ __all__ = [
     "read_checkpoint",
     "rebuild",
     "save",
+    "set_weight_cache",
     "tolerance_for",
     "verify",
 ]

@@ -13,7 +13,12 @@ from torch import nn
 
 from masasurgery.analyze import Analysis, analyze
 from masasurgery.config import ROLES, MasaConfig
-from masasurgery.errors import ConfigError, NoAttentionError, VerificationError
+from masasurgery.errors import (
+    ConfigError,
+    MasaError,
+    NoAttentionError,
+    VerificationError,
+)
 from masasurgery.fit import MatrixPCA, matrix_pca
 from masasurgery.inputs import resolve_inputs
 from masasurgery.passes.group import Group
@@ -128,8 +133,23 @@ class Conversion:
         return all(fit.num_atoms == fit.num_layers for fit in self.fits.values())
 
     def undo(self, model: nn.Module) -> None:
-        """Put the original projections back and remove the dictionaries."""
+        """Put the original projections back and remove the dictionaries.
+
+        Raises:
+            MasaError: The originals were released (``keep_originals=False``).
+        """
+        if self.rewrite.originals_released:
+            raise MasaError(
+                "this conversion released its original projections "
+                "(keep_originals=False), so it cannot be undone or verified again; "
+                "reload the original model instead."
+            )
         restore(model, self.rewrite)
+
+    def release_originals(self) -> None:
+        """Drop the replaced projections, freeing their memory; no undo after."""
+        self.rewrite.originals.clear()
+        self.rewrite.originals_released = True
 
     def __str__(self) -> str:
         p = self.params
@@ -195,6 +215,7 @@ def convert(
     roles: Sequence[str] = ROLES,
     verify: bool = True,
     device: torch.device | str | None = None,
+    keep_originals: bool = True,
 ) -> Conversion:
     """Share the attention projections of ``model`` as MASA atom dictionaries.
 
@@ -218,6 +239,9 @@ def convert(
             rewrite is not exact (or a lossless conversion is not equal to the
             original) the model is restored and VerificationError raised.
         device: Where to verify; CUDA when available, else CPU.
+        keep_originals: Keep the replaced projections in the returned record, so
+            the conversion can be verified again and undone. False frees them
+            once ``convert`` has verified (the attention weights' memory).
 
     Returns:
         What changed: groups, roles, shapes, parameter counts, the verification.
@@ -258,6 +282,8 @@ def convert(
     _warn_capped(conversion)
     if verify:
         _verify_or_undo(model, conversion, inputs, device)
+    if not keep_originals:
+        conversion.release_originals()
     return conversion
 
 

@@ -371,7 +371,14 @@ def _view(t: Tensor) -> tuple | None:
     if t.numel() == 0:
         return None
     storage = t.untyped_storage()
-    return (t.device, storage.data_ptr(), t.storage_offset(), t.shape, t.stride())
+    return (
+        t.device,
+        storage.data_ptr(),
+        t.storage_offset(),
+        t.dtype,
+        t.shape,
+        t.stride(),
+    )
 
 
 def _unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -406,7 +413,7 @@ def _version() -> str:
 def _safetensors() -> Any:
     try:
         import safetensors.torch
-    except ImportError as e:  # pragma: no cover - safetensors ships with the deps
+    except ImportError as e:  # imported here so `import masasurgery` works without
         raise ImportError(
             "masasurgery.save and masasurgery.load need safetensors: "
             "pip install safetensors"

@@ -56,15 +56,41 @@ def _dense_linear(installed: nn.Module, module: SharedProjection) -> nn.Module:
     return dense
 
 
+def _dense_conv1d(installed: nn.Module, module: SharedProjection) -> nn.Module:
+    # transformers' Conv1D stores (in, out): exactly what SharedConv1D.weight reads
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        dense = Conv1D(nf=module.out_features, nx=module.in_features)
+    dense.weight = _copy(module.weight, _trainable(module))
+    dense.bias = _copy(module.bias, module.bias.requires_grad)
+    return dense
+
+
+def _dense_multihead_attention(
+    installed: nn.Module, module: SharedProjection
+) -> nn.Module:
+    # A plain nn.MultiheadAttention with the same settings and children, whose
+    # in_proj_weight is the composed packed weight again
+    dense = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+    dense.__dict__ = dict(installed.__dict__)
+    for name in ("_parameters", "_buffers", "_modules"):
+        dense.__dict__[name] = dict(installed.__dict__[name])
+    del dense._modules["in_proj"]
+    dense.in_proj_weight = _copy(module.weight, _trainable(module))
+    return dense
+
+
 #: Layout name -> builder of the dense module a replacement came from. A builder
 #: gets the module that took the original's place (the shared projection itself,
 #: or the wrapper a layout installed around it) and the shared projection.
-#: TODO(issue 3): "conv1d" (transformers' Conv1D, weight stored ``(in, out)``)
-#: and "mha_in_proj" (nn.MultiheadAttention) land with their layouts; until then
-#: materialize raises LayoutError for them.
 DENSE_BUILDERS: dict[str, Callable[[nn.Module, SharedProjection], nn.Module]] = {
     # SharedProjection (weight (out, in)) -> nn.Linear(in, out)
     "linear": _dense_linear,
+    # SharedConv1D (weight read as (in, out)) -> transformers' Conv1D
+    "conv1d": _dense_conv1d,
+    # SharedMultiheadAttention -> nn.MultiheadAttention with a dense in_proj_weight
+    "mha_in_proj": _dense_multihead_attention,
 }
 
 

@@ -19,6 +19,8 @@ keeps the sharing intact whatever replaces the Parameter object itself: ``.to()`
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +33,7 @@ __all__ = [
     "SharedConv1D",
     "SharedMultiheadAttention",
     "SharedProjection",
+    "set_weight_cache",
 ]
 
 
@@ -175,11 +178,44 @@ class SharedProjection(nn.Module):
             return self.dense[name]
         return self._dictionaries[name].compose(self.coefficients[name])
 
+    #: Keep the composed weight between reads while no gradient is recorded
+    #: (eval, ``torch.no_grad``). Off by default: the cache holds one dense weight
+    #: per projection, the memory the conversion saved. See
+    #: :func:`set_weight_cache`.
+    cache_weight: bool = False
+
     @property
     def weight(self) -> Tensor:
-        """The full weight ``(out_features, in_features)``, composed on each read."""
+        """The full weight ``(out_features, in_features)``.
+
+        Composed on each read, or served from the cache when :attr:`cache_weight`
+        is on and no gradient is recorded. The cache is keyed on the identity and
+        version counter of every atom, coefficient and dense tensor, so any
+        in-place update (an optimizer step, ``load_state_dict``) or replacement
+        invalidates it: it cannot go stale.
+        """
+        if not (self.cache_weight and _cache_allowed()):
+            return self._compose()
+        key, cached = _cache_key(self._sources()), self.__dict__.get("_cache")
+        if cached is not None and _same_key(cached[0], key):
+            return cached[1]
+        weight = self._compose()
+        self.__dict__["_cache"] = (key, weight)
+        return weight
+
+    def _compose(self) -> Tensor:
         rows = [self.part_weight(name) for name in self.parts]
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
+
+    def _sources(self) -> list[Tensor]:
+        """Every tensor the weight is computed from."""
+        tensors = []
+        for name in self.parts:
+            if name in self.dense:
+                tensors.append(self.dense[name])
+            else:
+                tensors += [self._dictionaries[name].atoms, self.coefficients[name]]
+        return tensors
 
     @weight.setter
     def weight(self, value: Tensor) -> None:
@@ -203,6 +239,58 @@ class SharedProjection(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"parts=[{', '.join(parts)}], bias={self.bias is not None}"
         )
+
+
+def set_weight_cache(model: nn.Module, enabled: bool = True) -> int:
+    """Turn the composed-weight cache of every shared projection on or off.
+
+    With the cache on, a model in ``torch.no_grad()`` composes each weight once
+    and reuses it until an atom or coefficient changes: inference then costs what
+    the original model costs, and holds a dense weight per projection again.
+
+    Args:
+        model: A converted model.
+        enabled: On or off; off also frees the cached weights.
+
+    Returns:
+        How many projections were set.
+
+    Example:
+        >>> d = AtomDictionary(torch.randn(2, 4, 8), role="q")
+        >>> proj = SharedProjection(8, bias=None)
+        >>> proj.add_shared("q", d, torch.tensor([0.5, -1.0]))
+        >>> set_weight_cache(proj)
+        1
+        >>> with torch.no_grad():
+        ...     proj.weight is proj.weight
+        True
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SharedProjection):
+            module.cache_weight = enabled
+            if not enabled:
+                module.__dict__.pop("_cache", None)
+            count += 1
+    return count
+
+
+def _cache_allowed() -> bool:
+    # Never under autograd (the graph needs the composition) or compilation
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
+def _cache_key(tensors: list[Tensor]) -> list[tuple]:
+    return [(weakref.ref(t), t._version, t.dtype, t.device) for t in tensors]
+
+
+def _same_key(old: list[tuple], new: list[tuple]) -> bool:
+    if len(old) != len(new):
+        return False
+    for (ref_a, *rest_a), (ref_b, *rest_b) in zip(old, new, strict=True):
+        if ref_a() is None or ref_a() is not ref_b() or rest_a != rest_b:
+            return False
+    return True
 
 
 class SharedConv1D(SharedProjection):

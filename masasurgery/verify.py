@@ -43,7 +43,7 @@ from masasurgery._state import (
     preserved,
     sdpa_backend_of,
 )
-from masasurgery.errors import MasaWarning
+from masasurgery.errors import MasaError, MasaWarning
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.layouts import LAYOUTS
 from masasurgery.passes.rewrite import _set_submodule
@@ -122,6 +122,7 @@ def verify(
         ConfigError: ``task`` or ``sdpa_backend`` is unknown, or ``task`` names
             logits the output does not have.
         VerificationError: The runs returned outputs of different structure.
+        MasaError: The conversion released its originals.
 
     Example:
         >>> import timm, masasurgery
@@ -138,6 +139,12 @@ def verify(
         True
     """
     # Options first, so that a bad one fails before anything moves
+    if conversion.rewrite.originals_released:
+        raise MasaError(
+            "this conversion released its original projections "
+            "(convert(..., keep_originals=False)), so there is nothing to verify "
+            "against; convert with keep_originals=True to verify later."
+        )
     check_task(task)
     backend = sdpa_backend_of(sdpa_backend)
     device = _run_device(model, device)

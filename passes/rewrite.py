@@ -76,6 +76,7 @@ class Rewrite:
     store: DictionaryStore
     originals: dict[str, nn.Module]
     replacements: dict[str, nn.Module]
+    originals_released: bool = False
 
 
 @dataclass(frozen=True)

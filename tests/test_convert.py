@@ -158,3 +158,16 @@ def test_conversion_report_round_trips_to_plain_data():
     )
     assert data["verification"]["rewrite_exact"] is True
     assert len(data["replaced"]) == 6
+
+
+def test_releasing_the_originals_frees_them_and_forbids_undo():
+    model = tiny_vit(depth=3)
+    conversion = masasurgery.convert(
+        model, atoms=1, example_inputs=image_batch(), keep_originals=False
+    )
+    assert conversion.verification.rewrite_exact  # verified before the release
+    assert conversion.rewrite.originals == {}
+    with pytest.raises(masasurgery.MasaError, match="cannot be undone"):
+        conversion.undo(model)
+    with pytest.raises(masasurgery.MasaError, match="nothing to verify against"):
+        masasurgery.verify(model, conversion, image_batch())

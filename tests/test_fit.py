@@ -2,21 +2,19 @@ import pytest
 import torch
 
 from masasurgery import ConfigError, FitError, matrix_pca
-from masasurgery.tolerances import tolerance_for
 
 
 def _stack(num_layers=8, shape=(12, 10), dtype=torch.float32):
     return [torch.randn(*shape, dtype=dtype) for _ in range(num_layers)]
 
 
-def test_atoms_equal_to_layers_reproduce_every_weight():
-    weights = _stack()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_atoms_equal_to_layers_reproduce_every_weight_exactly(dtype):
+    weights = _stack(dtype=dtype)
     fit = matrix_pca(weights, atoms=8)
-    tol = tolerance_for(torch.float32, "cpu")
+    assert fit.atoms.dtype == dtype
     for layer, w in enumerate(weights):
-        torch.testing.assert_close(
-            fit.reconstruct(layer), w, atol=tol.atol, rtol=tol.rtol
-        )
+        assert torch.equal(fit.reconstruct(layer), w)
     assert fit.energy_kept == pytest.approx(1.0)
     assert fit.layer_errors.max().item() < 1e-6
 

@@ -15,7 +15,7 @@ from masasurgery.tolerances import tolerance_for
 
 def _converted(depth=3, atoms=2, **kwargs):
     model = tiny_vit(depth=depth, **kwargs)
-    masasurgery.convert(model, atoms=atoms, example_inputs=image_batch())
+    masasurgery.convert(model, atoms=atoms, example_inputs=image_batch(), verify=False)
     return model
 
 
@@ -148,3 +148,37 @@ def test_onnx_export_of_the_materialized_model_runs_the_same(dynamo):
     # The ONNX reference runtime reorders float32 sums
     tol = tolerance_for(torch.float32, "cpu")
     torch.testing.assert_close(actual, expected, atol=tol.atol, rtol=tol.rtol)
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=100)
+    return GPT2LMHeadModel(config).eval(), {"input_ids": torch.randint(0, 100, (2, 7))}
+
+
+def _encoder():
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    return torch.nn.TransformerEncoder(layer, 3).eval(), (torch.randn(2, 5, 32),)
+
+
+@pytest.mark.parametrize(
+    ("make", "dense_type"),
+    [(_gpt2, "Conv1D"), (_encoder, "MultiheadAttention")],
+    ids=["gpt2-conv1d", "encoder-mha"],
+)
+def test_other_layouts_materialize_to_their_original_module_types(make, dense_type):
+    model, inputs = make()
+    masasurgery.convert(model, atoms=2, example_inputs=inputs, verify=False)
+    with torch.no_grad():
+        expected = _call(model, inputs)
+    done = masasurgery.materialize(model)
+    assert dense_type in {type(m).__name__ for m in done.modules.values()}
+    assert not any(isinstance(m, SharedProjection) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(_call(model, inputs), expected, atol=1e-6, rtol=1e-6)
+
+
+def _call(model, inputs):
+    out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    return out.logits if hasattr(out, "logits") else out

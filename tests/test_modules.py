@@ -116,3 +116,29 @@ def test_shape_checks_name_both_sides():
         SharedProjection(6, bias=None).add_shared("q", d, torch.randn(3))
     with pytest.raises(ValueError, match=r"\(S, out_features, in_features\)"):
         AtomDictionary(torch.randn(4, 6), "q")
+
+
+def test_weight_cache_is_reused_and_never_stale():
+    from masasurgery import set_weight_cache
+
+    model = TwoLayers()
+    layer = model.layers[0]
+    assert set_weight_cache(model) == 2
+    with torch.no_grad():
+        first = layer.weight
+        assert layer.weight is first  # served from the cache
+
+        # An in-place update of the shared atoms invalidates every layer's cache
+        model.masa["group0_q"].atoms.mul_(2.0)
+        second = layer.weight
+        assert second is not first
+        torch.testing.assert_close(second, 2.0 * first)
+
+        # So does an update of the layer's own coefficients
+        layer.coefficients["q"].zero_()
+        assert layer.weight.abs().max() == 0
+
+    # Under autograd the weight is always composed, so gradients flow
+    assert layer.weight is not layer.weight
+    set_weight_cache(model, enabled=False)
+    assert "_cache" not in layer.__dict__

@@ -62,7 +62,7 @@ def test_real_dinov2_at_four_atoms_matches_the_spectrum_of_its_weights(photos):
     assert conversion.verification.rewrite_exact and not conversion.lossless
     kept = {r.role: r.energy_kept for r in conversion.roles}
     for role, energy in spectrum.items():
-        assert kept[role] == pytest.approx(energy, rel=1e-6)
+        assert kept[role] == pytest.approx(energy, rel=1e-5)  # float32 chunk sums
     # Plain Matrix PCA on real weights loses a lot (the layers are nearly
     # orthogonal): the report must say so, not hide it
     approximation = conversion.verification.approximation

@@ -149,14 +149,6 @@ def test_report_prints_and_serialises():
     assert data["passed"] is True and len(data["layer_errors"]) == DEPTH * 4
 
 
-def test_the_tolerance_table_covers_training_dtypes():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        for device in ("cpu", "cuda"):
-            assert tolerance_for(dtype, device).rtol > 0
-    with pytest.raises(ValueError, match="no tolerance for dtype torch.int64"):
-        tolerance_for(torch.int64, "cpu")
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_verification_runs_on_cuda_and_moves_the_model_back():
     model, conversion, x = _converted(atoms=DEPTH)
@@ -460,6 +452,37 @@ def test_a_model_with_an_encoder_layer_verifies_losslessly(train):
     report = masasurgery.verify(model, conversion, x, device="cpu")
     assert report.passed and report.approximation.max_abs < 1e-5
     assert model.tail.training is train and model.tail.self_attn.training is train
+
+
+class Encoder(nn.Module):
+    """An nn.TransformerEncoder whose layers differ (it clones one layer)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, DEPTH, enable_nested_tensor=False)
+        for p in self.parameters():
+            if p.dim() > 1:
+                nn.init.normal_(p, std=0.2)
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("atoms", [1, DEPTH])
+def test_a_converted_transformer_encoder_verifies_in_both_modes(
+    atoms, train, monkeypatch
+):
+    model = Encoder(dropout=0.2).train(train)
+    x = torch.randn(2, 5, 32)
+    conversion = masasurgery.convert(model, atoms=atoms, example_inputs=x, verify=False)
+    calls = _fast_path_calls(monkeypatch)
+    report = masasurgery.verify(model, conversion, x, device="cpu")
+    assert calls == [] and report.rewrite_exact and report.passed
+    assert report.lossless == (atoms == DEPTH)
+    assert (report.approximation.max_abs > 1e-2) == (atoms < DEPTH)
+    assert model.training is train
 
 
 # ---------------------------------------------------------------------------
