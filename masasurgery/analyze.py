@@ -124,13 +124,16 @@ def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
 
 
 def _capture_and_find(model: nn.Module, inputs: Inputs) -> tuple[Capture, Findings]:
-    """The first capture path that shows attention; else the first that captured.
+    """The first capture path that shows all the attention; else the one that
+    shows the most.
 
-    fx can capture a model and still see no attention, when the attention hides
-    inside a leaf module or a wrapped function; export then traces through it.
+    fx can capture a model and still miss attention, when it hides inside a leaf
+    module (``capture.hidden``) or a wrapped function; export then traces through
+    it. When no path finds a site, the path that skipped the most cores is kept,
+    so the analysis says why they were skipped.
     """
     failures: dict[str, str] = {}
-    first: tuple[Capture, Findings] | None = None
+    tried: list[tuple[Capture, Findings]] = []
     for path in CAPTURE_PATHS:
         with preserved(model), mha_fastpath_off():
             model.eval()
@@ -141,20 +144,24 @@ def _capture_and_find(model: nn.Module, inputs: Inputs) -> tuple[Capture, Findin
                 continue
         found = find_attention(captured)
         captured.failures = dict(failures)
-        if found.sites:
+        if found.sites and not captured.hidden:
             return captured, found
-        failures[path] = "captured, but found no attention core"
-        logger.debug("capture path %r found no attention core", path)
-        first = first or (captured, found)
-    if first is None:
+        tried.append((captured, found))
+        if not found.sites:
+            failures[path] = "captured, but found no attention core"
+            logger.debug("capture path %r found no attention core", path)
+    if not tried:
         reasons = "\n".join(f"  {p}: {why}" for p, why in failures.items())
         raise CaptureError(
             f"could not capture {type(model).__name__}; every path failed:\n"
             f"{reasons}\nCheck that the example inputs match the model's forward, "
             "or see the custom-architecture recipe in docs/."
         )
-    first[0].failures = failures
-    return first
+
+    # The most sites, then the most skipped cores; the earlier path on a tie
+    best = max(tried, key=lambda t: (len(t[1].sites), len(t[1].skipped)))
+    best[0].failures = {p: why for p, why in failures.items() if p != best[0].path}
+    return best
 
 
 @contextlib.contextmanager

@@ -67,6 +67,25 @@ def _dense_conv1d(installed: nn.Module, module: SharedProjection) -> nn.Module:
     return dense
 
 
+def _dense_conv1x1(installed: nn.Module, module: SharedProjection) -> nn.Module:
+    # SharedConv2d.weight reads (out, in, 1, 1), as nn.Conv2d stores it
+    bias = module.bias is not None
+    dense = nn.Conv2d(
+        module.in_features,
+        module.out_features,
+        kernel_size=1,
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+        bias=bias,
+        device="meta",
+    )
+    dense.weight = _copy(module.weight, _trainable(module))
+    if bias:
+        dense.bias = _copy(module.bias, module.bias.requires_grad)
+    return dense
+
+
 def _dense_multihead_attention(
     installed: nn.Module, module: SharedProjection
 ) -> nn.Module:
@@ -89,6 +108,8 @@ DENSE_BUILDERS: dict[str, Callable[[nn.Module, SharedProjection], nn.Module]] = 
     "linear": _dense_linear,
     # SharedConv1D (weight read as (in, out)) -> transformers' Conv1D
     "conv1d": _dense_conv1d,
+    # SharedConv2d (weight read as (out, in, 1, 1)) -> a 1x1 nn.Conv2d
+    "conv1x1": _dense_conv1x1,
     # SharedMultiheadAttention -> nn.MultiheadAttention with a dense in_proj_weight
     "mha_in_proj": _dense_multihead_attention,
 }

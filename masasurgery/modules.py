@@ -31,6 +31,7 @@ __all__ = [
     "AtomDictionary",
     "DictionaryStore",
     "SharedConv1D",
+    "SharedConv2d",
     "SharedMultiheadAttention",
     "SharedProjection",
     "set_weight_cache",
@@ -333,6 +334,64 @@ class SharedConv1D(SharedProjection):
         else:
             out = torch.addmm(self.bias, rows, self.weight)
         return out.view(*x.shape[:-1], self.out_features)
+
+
+class SharedConv2d(SharedProjection):
+    """A :class:`SharedProjection` in the layout of a 1x1 ``nn.Conv2d``.
+
+    A 1x1 convolution with one group is a Linear over channels: its weight
+    ``(out, in, 1, 1)`` holds the ``(out, in)`` matrix of that Linear. The parts
+    and coefficients are rows of that matrix; only ``weight`` (read as
+    ``(out, in, 1, 1)``) and ``forward`` (a convolution with the original's
+    stride, padding and dilation) differ.
+
+    Args:
+        in_features: Input channels.
+        bias: The original bias, or None.
+        stride: The original's stride.
+        padding: The original's padding.
+        dilation: The original's dilation.
+
+    Example:
+        >>> d = AtomDictionary(torch.randn(2, 6, 4), role="q")
+        >>> proj = SharedConv2d(4, bias=None)
+        >>> proj.add_shared("q", d, torch.tensor([1.0, 0.5]))
+        >>> proj.weight.shape, proj(torch.randn(1, 4, 5, 5)).shape
+        (torch.Size([6, 4, 1, 1]), torch.Size([1, 6, 5, 5]))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        bias: Tensor | None,
+        stride: int | tuple[int, int] = 1,
+        padding: int | str | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+    ) -> None:
+        super().__init__(in_features, bias)
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+
+    @property
+    def weight(self) -> Tensor:
+        """The full weight as ``nn.Conv2d`` stores it, ``(out, in, 1, 1)``."""
+        return SharedProjection.weight.fget(self)[:, :, None, None]
+
+    @weight.setter
+    def weight(self, value: Tensor) -> None:
+        SharedProjection.weight.fset(self, value)
+
+    @property
+    def in_channels(self) -> int:
+        return self.in_features
+
+    @property
+    def out_channels(self) -> int:
+        return self.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation
+        )
 
 
 class SharedMultiheadAttention(nn.MultiheadAttention):

@@ -73,12 +73,16 @@ class Capture:
         path: Which capture path succeeded (``"fx"`` or ``"export"``).
         model: The captured model; projections are looked up in it by name.
         failures: The paths tried before ``path``, each with why it failed.
+        hidden: Modules the graph calls as leaves although they own projections
+            (timm's ``GPSA``, ``nn.MultiheadAttention`` under fx): attention may
+            hide inside them, where only another path can see it.
     """
 
     gm: fx.GraphModule
     path: str
     model: nn.Module = field(repr=False)
     failures: dict[str, str] = field(default_factory=dict)
+    hidden: list[str] = field(default_factory=list)
 
 
 def capture(model: nn.Module, inputs: Inputs, paths: Sequence[str] = ()) -> Capture:
@@ -115,7 +119,10 @@ def capture(model: nn.Module, inputs: Inputs, paths: Sequence[str] = ()) -> Capt
             logger.debug("capture path %r failed: %s", path, failures[path])
             continue
         logger.debug("captured %s with path %r", type(model).__name__, path)
-        return Capture(gm=gm, path=path, model=model, failures=failures)
+        hidden = _hidden_projections(gm, model)
+        if hidden:
+            logger.debug("path %r calls leaves that own projections: %s", path, hidden)
+        return Capture(gm, path, model, failures=failures, hidden=hidden)
 
     reasons = "\n".join(f"  {p}: {why}" for p, why in failures.items())
     raise CaptureError(
@@ -158,6 +165,22 @@ CAPTURE_PATHS: dict[str, Callable[[nn.Module, Inputs], fx.GraphModule]] = {
     "fx": _trace_fx,
     "export": _trace_export,
 }
+
+
+def _hidden_projections(gm: fx.GraphModule, model: nn.Module) -> list[str]:
+    """Leaf modules the graph calls that own a Linear or a convolution inside."""
+    modules = dict(model.named_modules())
+    hidden = []
+    for node in gm.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        if module is None or isinstance(module, _PROJECTION_TYPES):
+            continue
+        if any(isinstance(m, _PROJECTION_TYPES) for m in module.modules()):
+            hidden.append(node.target)
+    return list(dict.fromkeys(hidden))
+
+
+_PROJECTION_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
 
 def _concrete_args(model: nn.Module, inputs: Inputs) -> dict[str, Any]:

@@ -5,7 +5,8 @@ The finder works on the graph, not on module names:
 1. Every attention core is found: a ``scaled_dot_product_attention`` call, or a
    ``softmax`` fed by a matmul and feeding a matmul.
 2. From the core's q, k and v inputs the finder walks back to the projection that
-   produced each one (a ``Linear`` module, or ``F.linear`` on a module's weight),
+   produced each one (a ``Linear`` module, ``F.linear`` on a module's weight, or a
+   1x1 ``Conv2d``, a Linear over channels),
    through data movement (reshape, permute, unbind, ...) and shape-preserving ops
    (norms, scaling, rotary embeddings).
 3. It then replays the data movement on a tensor that holds each output row's index,
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import operator
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,6 +124,7 @@ class _Walk:
     layout: str
     source: fx.Node
     chain: list[fx.Node]
+    per_channel: set[fx.Node] = field(default_factory=set)
 
 
 @dataclass
@@ -162,7 +165,35 @@ def find_attention(capture: Capture) -> Findings:
         except _NotASite as e:
             logger.debug("skipped attention core %s: %s", node.name, e)
             skipped.append(SkippedSite(core=node.name, reason=str(e)))
+    sites = _drop_shared_projections(sites, skipped)
     return Findings(sites=sites, skipped=skipped)
+
+
+def _drop_shared_projections(
+    sites: list[AttentionSite], skipped: list[SkippedSite]
+) -> list[AttentionSite]:
+    """A projection that feeds several cores belongs to no one block: leave it.
+
+    That is a module called once per block (ALBERT's shared layers) or a query
+    computed once per stage for all its blocks; its weight is shared already.
+    """
+    owners = Counter(p.target for site in sites for p in site.projections)
+    kept = []
+    for site in sites:
+        shared = [p.target for p in site.projections if owners[p.target] > 1]
+        if not shared:
+            kept.append(site)
+            continue
+        site.projections = [p for p in site.projections if owners[p.target] == 1]
+        site.block = _common_prefix([p.target for p in site.projections])
+        if not any(role in site.roles for role in ("q", "k", "v")):
+            reason = f"its projections {shared} also feed other attention cores"
+            logger.debug("skipped attention core %s: %s", site.core, reason)
+            skipped.append(SkippedSite(core=site.core, reason=reason))
+            continue
+        logger.debug("core %s: left out %s, which feed other cores", site.core, shared)
+        kept.append(site)
+    return kept
 
 
 class _NotASite(Exception):
@@ -181,14 +212,24 @@ class _Core:
 
 
 def _read_site(core: _Core, modules: dict[str, nn.Module]) -> AttentionSite:
-    # Walk back from q, k and v to their projections; read the rows of each
+    # Walk back from q, k and v to their projections; read the rows of each. A
+    # role with no projection (gcvit's global query is a computed tensor) is
+    # left out, and the site keeps the roles it could read
     projections: dict[str, Projection] = {}
-    walks = []
+    walks, missing = [], {}
     for role, arg in (("q", core.q), ("k", core.k), ("v", core.v)):
-        walk = _walk_to_projection(arg, modules)
-        rows = _rows_of(walk, arg)
+        try:
+            walk = _walk_to_projection(arg, modules)
+            rows = _rows_of(walk, arg)
+        except _NotASite as e:
+            missing[role] = str(e)
+            continue
         _add_role(projections, walk, role, rows, modules)
         walks.append(walk)
+    if len(missing) == 3:
+        raise _NotASite(missing["q"])
+    for role, why in missing.items():
+        logger.debug("core %s: role %s left out: %s", core.node.name, role, why)
 
     # Walk forward from the core to the output projection
     o_walk = _walk_to_output(core.out, modules)
@@ -273,6 +314,12 @@ _MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, aten.matmul, aten
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
 _EINSUM_FUNCTIONS = {torch.einsum, aten.einsum}
 _LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear, aten.linear}
+_CONV2D_FUNCTIONS = {F.conv2d, aten.conv2d}
+# Ops that mix the elements of their input even where the shape is kept.
+_MIXING_FUNCTIONS = {
+    *_LINEAR_FUNCTIONS, *_CONV2D_FUNCTIONS, F.conv1d, aten.conv1d,
+    aten.convolution, aten.mm, aten.addmm, torch.mm, torch.addmm, aten.baddbmm,
+}  # fmt: skip
 # Ops that multiply by a weight at this argument position: x @ W (+ bias)
 _MATMUL_WEIGHT_ARG = {aten.addmm: 2, aten.mm: 1, aten.matmul: 1, torch.addmm: 2}
 # Ops whose data input is not their first node argument
@@ -293,31 +340,75 @@ def _match_core(node: fx.Node, modules: dict[str, nn.Module]) -> _Core | None:
 def _match_softmax_core(
     softmax: fx.Node, modules: dict[str, nn.Module]
 ) -> _Core | None:
-    # Back from the softmax, through scaling, masking and reshapes (Swin's
-    # shifted windows add their mask per window), to the scores matmul
+    # Back from the softmax, through scaling, masking, reshapes (Swin's shifted
+    # windows add their mask per window) and head-mixing Linears (cait's
+    # talking heads), to the scores matmul
     inner = []
     scores = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
     while isinstance(scores, fx.Node) and not _is_matmul(scores):
-        layout_op = _passes_through(scores, modules) or _moves_data(scores)
-        if not layout_op or len(inner) > 8:
+        passes = _passes_through(scores, modules) or _moves_data(scores)
+        if not (passes or _mixes_heads(scores, modules)) or len(inner) > 8:
             return None
         inner.append(scores)
         scores = _data_input(scores)
     if not isinstance(scores, fx.Node):
         return None
 
-    # Forward from the softmax, through dropout, to the matmul with v
-    probs = softmax
-    while len(probs.users) == 1:
-        user = next(iter(probs.users))
-        if _is_matmul(user) and _operands(user)[0] is probs:
-            (q, k), v = _operands(scores), _operands(user)[1]
-            inner += [scores, softmax, probs]
-            return _Core(softmax, "softmax", q, k, v, out=user, inner=inner)
-        if not _passes_through(user, modules):
-            return None
-        probs = user
+    # Forward from the softmax to the matmul that weighs v
+    found = _probabilities_matmul(softmax, modules)
+    if found is None:
+        return None
+    user, probs, path = found
+    (q, k), v = _operands(scores), _operands(user)[1 - _operands(user).index(probs)]
+    inner += [scores, softmax, *path]
+    return _Core(softmax, "softmax", q, k, v, out=user, inner=inner)
+
+
+def _probabilities_matmul(
+    softmax: fx.Node, modules: dict[str, nn.Module]
+) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
+    """The matmul that the probabilities reach, its operand on the path, the path.
+
+    A breadth-first walk over the users of the softmax, through ops that keep
+    the probabilities' elements apart: dropout, reshapes and transposes
+    (``v @ attn.transpose(-2, -1)``), elementwise mixing with other scores
+    (convit's gated positional attention), renormalisation, head-mixing Linears.
+    """
+    path, frontier = [softmax], [softmax]
+    for _ in range(8):
+        following = []
+        for node in frontier:
+            for user in node.users:
+                if _is_matmul(user) and node in _operands(user):
+                    return user, node, path
+                if user not in path and _keeps_scores(user, node, modules):
+                    path.append(user)
+                    following.append(user)
+        frontier = following
     return None
+
+
+def _keeps_scores(user: fx.Node, node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if _moves_data(user) and _data_input(user) is node:
+        return True
+    if _mixes_heads(user, modules):
+        return _data_input(user) is node
+    if user.op == "call_module":
+        return _passes_through(user, modules)
+    elementwise = _shape(user) is not None and _shape(user) == _shape(node)
+    return elementwise and user.op in ("call_function", "call_method")
+
+
+def _mixes_heads(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A Linear (or 1x1 conv) of width ``in == out`` on scores (talking heads)."""
+    data = _data_input(node)
+    if data is None or _shape(node) is None or _shape(node) != _shape(data):
+        return False
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        conv = _is_conv1x1(module) and module.in_channels == module.out_channels
+        return isinstance(module, nn.Linear) or conv
+    return node.op == "call_function" and _packet(node.target) in _LINEAR_FUNCTIONS
 
 
 def _operands(matmul: fx.Node) -> tuple[Any, Any]:
@@ -353,19 +444,74 @@ def _arg(node: fx.Node, index: int, name: str) -> Any:
 
 
 def _walk_to_projection(start: Any, modules: dict[str, nn.Module]) -> _Walk:
+    """The subgraph between one projection call and a core input.
+
+    A depth-first walk back through data movement and shape-preserving ops; a
+    concatenation is followed into every input (rotary embeddings that skip the
+    prefix tokens: ``cat([q[:, :1], rope(q[:, 1:])])``), and all branches must
+    end at the same projection call. The chain comes out in forward order.
+    """
     chain: list[fx.Node] = []
-    node = start
-    while isinstance(node, fx.Node) and len(chain) < _MAX_WALK:
+    sources: dict[fx.Node, tuple[str, str]] = {}
+    seen: set[fx.Node] = set()
+    per_channel: set[fx.Node] = set()
+
+    def visit(node: Any) -> None:
+        if not isinstance(node, fx.Node):
+            raise _NotASite(f"no projection before {start}: reached {node!r}")
+        if node in seen:
+            return
+        seen.add(node)
+        if len(seen) > _MAX_WALK:
+            raise _NotASite(
+                f"no projection found within {_MAX_WALK} nodes before {start}"
+            )
         found = _projection(node, modules)
         if found is not None:
-            return _Walk(*found, source=node, chain=chain[::-1])
-        if not (_moves_data(node) or _passes_through(node, modules)):
+            sources[node] = found
+            return
+        inputs = _walk_inputs(node, modules)
+        if inputs is None:
             raise _NotASite(
                 f"no projection before {start}: stopped at {_describe(node)}"
             )
-        chain.append(node)
-        node = _data_input(node)
-    raise _NotASite(f"no projection found within {_MAX_WALK} nodes before {start}")
+        if _reduces_tokens(node) or _keeps_channels(node, modules):
+            if not _passes_through(node, modules):
+                per_channel.add(node)
+        for arg in inputs:
+            visit(arg)
+        chain.append(node)  # after its inputs: forward order
+
+    visit(start)
+    if len(sources) != 1:
+        calls = ", ".join(sorted(f"{n.name} ({t})" for n, (t, _) in sources.items()))
+        raise _NotASite(f"{start} mixes the outputs of several projections: {calls}")
+    ((source, (target, layout)),) = sources.items()
+    return _Walk(target, layout, source, chain, per_channel)
+
+
+def _walk_inputs(node: fx.Node, modules: dict[str, nn.Module]) -> list[Any] | None:
+    """The inputs a walk back from ``node`` follows; None where it must stop.
+
+    * A concatenation: every input.
+    * Arithmetic (``x * cos + rotate(x) * sin``): every input of the output's
+      shape; broadcast operands (scales, tables) are constants. A residual
+      ``proj(x) + x`` thus fails, as the shortcut reaches no projection.
+    * Data movement, shape-preserving ops, and ops that keep each channel apart
+      while changing the tokens (pooling, depthwise convolutions, reductions over
+      tokens): the data input.
+    """
+    if _is_concat(node):
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        return [t for t in tensors if isinstance(t, fx.Node)]
+    if _is_arithmetic(node):
+        same = [a for a in node.all_input_nodes if _shape(a) == _shape(node)]
+        return same or None
+    if _moves_data(node) or _passes_through(node, modules):
+        return [_data_input(node)]
+    if _reduces_tokens(node) or _keeps_channels(node, modules):
+        return [_data_input(node)]
+    return None
 
 
 def _walk_to_output(start: fx.Node, modules: dict[str, nn.Module]) -> _Walk | None:
@@ -393,9 +539,17 @@ def _projection(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str]
     """
     if node.op == "call_module":
         module = modules.get(node.target)
-        return (node.target, "linear") if isinstance(module, nn.Linear) else None
+        if isinstance(module, nn.Linear):
+            return node.target, "linear"
+        return (node.target, "conv1x1") if _is_conv1x1(module) else None
     if node.op != "call_function":
         return None
+
+    # aten.conv2d on a 1x1 convolution's weight (export)
+    if _packet(node.target) in _CONV2D_FUNCTIONS:
+        owner = _weight_owner(_arg(node, 1, "weight"), modules)
+        if owner is not None and _is_conv1x1(modules[owner]):
+            return owner, "conv1x1"
 
     # F.linear / aten.linear on a Linear's weight (out, in), or on the packed
     # in_proj_weight (3E, E) of nn.MultiheadAttention
@@ -415,6 +569,18 @@ def _projection(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[str, str]
         if owner is not None and type(modules[owner]).__name__ == "Conv1D":
             return owner, "conv1d"
     return None
+
+
+def _is_conv1x1(module: nn.Module | None) -> bool:
+    """A plain ``nn.Conv2d`` that is a Linear over channels: 1x1, one group.
+
+    Subclasses are left out: timm's ``StdConv2d`` standardises its weight in
+    forward, so the stored weight is not the one applied.
+    """
+    if type(module) is not nn.Conv2d:
+        return False
+    plain = module.groups == 1 and module.padding_mode == "zeros"
+    return plain and tuple(module.kernel_size) == (1, 1)
 
 
 def _weight_owner(
@@ -455,8 +621,37 @@ _MOVE_METHODS = {
     "reshape", "view", "permute", "transpose", "unbind", "chunk", "split",
     "contiguous", "flatten", "unflatten", "squeeze", "unsqueeze", "expand",
     "movedim", "narrow", "select", "repeat_interleave", "swapaxes", "tensor_split",
-    "__getitem__",
+    "__getitem__", "reshape_as", "view_as", "expand_as", "unfold",
 }  # fmt: skip
+# Methods that read only the shape of their second tensor argument.
+_SHAPE_OF_OTHER = {"reshape_as", "view_as", "expand_as"}
+# Concatenations: data movement with several tensor inputs.
+_CONCAT_FUNCTIONS = {torch.cat, torch.concat, torch.stack, aten.cat, aten.stack}
+# Padding: data movement that adds positions holding no row.
+_PAD_FUNCTIONS = {F.pad, torch._C._nn.pad, aten.pad, aten.constant_pad_nd}
+# Elementwise arithmetic, by name (operator.add, torch.add, aten.add, x.add).
+_ARITHMETIC = {"add", "sub", "rsub", "mul", "div", "truediv", "iadd", "imul"}
+# Reductions that keep channels when taken over token dims (hiera's q pooling).
+_REDUCTIONS = {"amax", "amin", "mean", "sum"}
+# Pooling, per channel over the trailing (spatial) dims.
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+)  # fmt: skip
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    torch.max_pool1d, torch.max_pool2d, torch.avg_pool1d,
+    torch._C._nn.avg_pool2d, torch._C._nn.adaptive_avg_pool2d,
+    aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d,
+    aten.adaptive_max_pool2d, aten.avg_pool1d, aten.max_pool1d,
+}  # fmt: skip
+# Elementwise activation modules: they keep each element in place.
+_ACTIVATION_MODULES = (
+    nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.Hardsigmoid,
+    nn.Sigmoid, nn.Tanh, nn.ELU, nn.LeakyReLU, nn.Mish,
+)  # fmt: skip
 _MOVE_FUNCTIONS = {
     operator.getitem, torch.reshape, torch.permute, torch.transpose, torch.unbind,
     torch.chunk, torch.split, torch.flatten, torch.squeeze, torch.unsqueeze,
@@ -466,7 +661,8 @@ _MOVE_FUNCTIONS = {
     aten.t, aten.unbind, aten.chunk, aten.split, aten.split_with_sizes,
     aten.unflatten, aten.flatten, aten.squeeze, aten.unsqueeze, aten.expand,
     aten.movedim, aten.narrow, aten.select, aten.slice, aten.repeat_interleave,
-    aten.clone, aten.contiguous, aten.alias, aten.tensor_split,
+    aten.clone, aten.contiguous, aten.alias, aten.tensor_split, aten.unfold,
+    *_CONCAT_FUNCTIONS, *_PAD_FUNCTIONS,
 }  # fmt: skip
 # Modules a walk may pass: they keep a tensor's layout (norms, dropout, identity).
 _LAYOUT_MODULES = (
@@ -484,6 +680,62 @@ def _moves_data(node: fx.Node) -> bool:
     return False
 
 
+def _is_concat(node: fx.Node) -> bool:
+    return node.op == "call_function" and _packet(node.target) in _CONCAT_FUNCTIONS
+
+
+def _is_pad(node: fx.Node) -> bool:
+    return node.op == "call_function" and _packet(node.target) in _PAD_FUNCTIONS
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target.strip("_")
+    if node.op == "call_function":
+        return getattr(_packet(node.target), "__name__", "").strip("_")
+    return ""
+
+
+def _is_arithmetic(node: fx.Node) -> bool:
+    return _op_name(node) in _ARITHMETIC and _shape(node) is not None
+
+
+def _reduces_tokens(node: fx.Node) -> bool:
+    """A reduction over given dims (``q.amax(dim=3)``); replay checks which."""
+    if _op_name(node) not in _REDUCTIONS or _shape(node) is None:
+        return False
+    dims, _ = _reduction_dims(node)
+    return bool(dims)
+
+
+def _reduction_dims(node: fx.Node) -> tuple[tuple[int, ...], bool]:
+    # (input, dim, keepdim) for methods, torch and aten functions alike
+    args, kwargs = node.args, node.kwargs
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+    if isinstance(dim, int):
+        dim = (dim,)
+    if not isinstance(dim, (tuple, list)) or not all(isinstance(d, int) for d in dim):
+        return (), False
+    return tuple(dim), bool(keepdim)
+
+
+def _keeps_channels(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Pooling or a depthwise convolution: per channel, over the spatial dims."""
+    if node.op == "call_module":
+        module = modules.get(node.target)
+        return isinstance(module, _POOL_MODULES) or _is_depthwise(module)
+    if node.op != "call_function":
+        return False
+    if _packet(node.target) in _POOL_FUNCTIONS:
+        return True
+    if _packet(node.target) not in _CONV2D_FUNCTIONS:
+        return False
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    shape, out = _shape(_data_input(node)), _shape(node)
+    return shape is not None and out is not None and groups == shape[1] == out[1]
+
+
 def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Shape-preserving ops that keep each element in place (norms, scaling)."""
     data = _data_input(node)
@@ -491,10 +743,18 @@ def _passes_through(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
         return False
     if node.op == "call_module":
         module = modules.get(node.target)
-        return isinstance(module, _LAYOUT_MODULES) or _is_small_norm(module)
-    if node.op == "call_function" and _packet(node.target) in _LINEAR_FUNCTIONS:
-        return False  # a Linear of width ``in == out`` is no layout op
+        layout = isinstance(module, (*_LAYOUT_MODULES, *_ACTIVATION_MODULES))
+        return layout or _is_small_norm(module) or _is_depthwise(module)
+    if node.op == "call_function" and _packet(node.target) in _MIXING_FUNCTIONS:
+        return False  # a Linear or convolution of width ``in == out`` mixes rows
     return node.op in ("call_function", "call_method") and not _is_matmul(node)
+
+
+def _is_depthwise(module: nn.Module | None) -> bool:
+    # One filter per channel: each output channel reads its own input channel
+    if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return False
+    return module.groups == module.in_channels == module.out_channels
 
 
 def _is_small_norm(module: nn.Module | None) -> bool:
@@ -509,45 +769,89 @@ def _is_small_norm(module: nn.Module | None) -> bool:
 
 
 def _rows_of(walk: _Walk, arg: fx.Node) -> tuple[int, int]:
-    """The ``[start, stop)`` rows of the projection that ``arg`` carries."""
+    """The ``[start, stop)`` rows of the projection that ``arg`` carries.
+
+    The walk is replayed on a tensor that holds, in each element, the row of the
+    projection's weight it came from (float64, exact for any width); padding
+    holds -1, no row.
+    """
     shape = _shape(walk.source)
     if shape is None:
         raise _NotASite(f"no recorded shape for {walk.source.name}")
-    value: Any = torch.arange(shape[-1]).expand(shape)
-    previous = walk.source
+    dim = LAYOUTS[walk.layout].out_dim % len(shape)
+    index = torch.arange(shape[dim], dtype=torch.float64)
+    index = index.view(-1, *[1] * (len(shape) - dim - 1))
+    values: dict[fx.Node, Any] = {walk.source: index.expand(shape)}
     for node in walk.chain:
-        value = _replay(node, previous, value)
-        previous = node
+        values[node] = _replay(node, values, walk)
 
-    rows = torch.unique(value)
+    rows = torch.unique(values[arg])
+    rows = rows[rows >= 0]
     start, stop = int(rows[0]), int(rows[-1]) + 1
     if rows.numel() != stop - start:
-        # TODO(issue 3): interleaved layouts (GPT-NeoX's per-head qkv) need a
-        # row permutation in SharedProjection; skipped until then.
+        # TODO(issue 3): interleaved layouts (GPT-NeoX's per-head qkv, levit's
+        # and tiny_vit's per-head q|k|v) need a row permutation in
+        # SharedProjection; skipped until then.
         raise _NotASite(
             f"{arg.name} reads rows of {walk.target} that are not contiguous"
         )
     return start, stop
 
 
-def _replay(node: fx.Node, data: fx.Node, value: Any) -> Any:
+def _replay(node: fx.Node, values: dict[fx.Node, Any], walk: _Walk) -> Any:
+    """Run one node of a walk on row indices."""
+    if node in walk.per_channel:
+        return _replay_per_channel(node, values[_data_input(node)], walk)
     if not _moves_data(node):
-        return value  # shape-preserving: every element stays in place
+        # Shape-preserving: every element stays; merged branches must agree
+        inputs = [values[a] for a in node.all_input_nodes if a in values]
+        rows = [torch.unique(v) for v in inputs]
+        if any(not torch.equal(rows[0], r) for r in rows[1:]):
+            raise _NotASite(f"{node.name} mixes different rows of {walk.target}")
+        return inputs[0]
 
     def concrete(a: Any) -> Any:
-        if a is data:
-            return value
-        if isinstance(a, fx.Node):
-            if "value" not in a.meta:
-                raise _NotASite(f"{node.name} depends on tensor {a.name}")
+        if not isinstance(a, fx.Node):
+            return a
+        if a in values:
+            return values[a]
+        if "value" in a.meta:
             return a.meta["value"]
-        return a
+        if _shape(a) is not None and node.target in _SHAPE_OF_OTHER:
+            return torch.empty(_shape(a), device="meta")  # only its shape is read
+        raise _NotASite(f"{node.name} depends on tensor {a.name}")
 
     args = fx.node.map_aggregate(node.args, concrete)
     kwargs = fx.node.map_aggregate(node.kwargs, concrete)
+    if _is_pad(node):
+        return _replay_pad(args, kwargs)
     if node.op == "call_method":
         return getattr(args[0], node.target)(*args[1:], **kwargs)
     return node.target(*args, **kwargs)
+
+
+def _replay_pad(args: tuple, kwargs: dict) -> torch.Tensor:
+    # Constant padding holds no row: -1
+    x, pad = args[0], args[1]
+    mode = args[2] if len(args) > 2 and isinstance(args[2], str) else "constant"
+    mode = kwargs.get("mode", mode)
+    if mode == "constant":
+        return F.pad(x, pad, value=-1.0)
+    return F.pad(x, pad, mode=mode)
+
+
+def _replay_per_channel(node: fx.Node, value: torch.Tensor, walk: _Walk) -> Any:
+    """Pooling, depthwise convolution, reduction: each output channel reads the
+    rows of its own input channel, so rows must not vary over what is reduced."""
+    if _reduces_tokens(node):
+        dims, keepdim = _reduction_dims(node)
+    else:
+        dims, keepdim = tuple(range(2, value.dim())), True
+    high = torch.amax(value, dim=dims, keepdim=keepdim)
+    if not torch.equal(high, torch.amin(value, dim=dims, keepdim=keepdim)):
+        raise _NotASite(f"{node.name} mixes different rows of {walk.target}")
+    shape = _shape(node)
+    return high if _reduces_tokens(node) or shape is None else high.expand(shape)
 
 
 def _shape(node: Any) -> torch.Size | None:

