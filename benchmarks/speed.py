@@ -10,7 +10,8 @@ One run, side by side, on this machine's CPU (or CUDA with ``--device cuda``):
   1024x4096, synthetic bf16 weights): time against one copy of the same weights,
   and peak memory against the weights' size (measured in a child process).
 
-Run: ``python benchmarks/speed.py`` (``--quick`` for smaller shapes). Timings are
+Run: ``python benchmarks/speed.py`` (``--quick`` for smaller shapes); on a GPU,
+``python benchmarks/speed.py --device cuda --dtype bfloat16`` (CUDA events). Timings are
 the fastest of ``--rounds`` interleaved runs.
 """
 
@@ -34,22 +35,40 @@ def timed(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
     """Fastest seconds per call of each function, over interleaved rounds.
 
     Variants run in turn, round after round, so load from other processes hits
-    them alike; the minimum is the least disturbed run of each.
+    them alike; the minimum is the least disturbed run of each. On CUDA each call
+    is timed with CUDA events.
     """
     for fn in fns.values():
         fn()  # warm-up
     best = {name: float("inf") for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], _seconds(fn))
     return best
+
+
+def _seconds(fn: Callable[[], None]) -> float:
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    begin, end = (
+        torch.cuda.Event(enable_timing=True),
+        torch.cuda.Event(enable_timing=True),
+    )
+    begin.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / 1000.0
 
 
 def eval_forward(name: str, make, inputs, atoms: int, args) -> list[tuple]:
     """Rows (model, variant, seconds, ratio) for the eval forward of one model."""
-    original = make().eval()
+    original = make().eval().to(args.dtype)
+    inputs = {
+        k: v.to(args.dtype) if v.is_floating_point() else v for k, v in inputs.items()
+    }
     converted = copy.deepcopy(original)
     masasurgery.convert(converted, atoms=atoms, example_inputs=inputs, verify=False)
     cached = copy.deepcopy(converted)
@@ -68,8 +87,6 @@ def eval_forward(name: str, make, inputs, atoms: int, args) -> list[tuple]:
         def run(model=model):
             with torch.no_grad():
                 model(**x)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
 
         fns[variant] = run
     best = timed(fns, args.rounds)
@@ -172,7 +189,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="smaller shapes")
     parser.add_argument("--rounds", type=int, default=5, help="timed runs each")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"]
+    )
     args = parser.parse_args()
+    args.dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
 
     from transformers import BertConfig, BertModel
@@ -208,7 +229,7 @@ def main() -> None:
 
     print(
         f"\nmasasurgery {masasurgery.__version__}, torch {torch.__version__}, "
-        f"device {args.device}, threads {torch.get_num_threads()}\n"
+        f"device {args.device}, {args.dtype}, threads {torch.get_num_threads()}\n"
     )
     print(f"{'what':52s} {'variant':24s} {'value':>10s} {'ratio':>7s}")
     for what, variant, value, ratio in rows:
