@@ -16,10 +16,12 @@ from masasurgery.errors import AlreadyConvertedError as AlreadyConvertedError
 from masasurgery.errors import CaptureError as CaptureError
 from masasurgery.errors import CheckpointError as CheckpointError
 from masasurgery.errors import ConfigError as ConfigError
+from masasurgery.errors import ConversionMismatchError as ConversionMismatchError
 from masasurgery.errors import FitError as FitError
 from masasurgery.errors import LayoutError as LayoutError
 from masasurgery.errors import MasaError as MasaError
 from masasurgery.errors import MasaWarning as MasaWarning
+from masasurgery.errors import ModelRunError as ModelRunError
 from masasurgery.errors import NoAttentionError as NoAttentionError
 from masasurgery.errors import VerificationError as VerificationError
 from masasurgery.fit import MatrixPCA as MatrixPCA
@@ -56,6 +58,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "Conversion",
+    "ConversionMismatchError",
     "DictionaryStore",
     "FitError",
     "LayoutError",
@@ -64,6 +67,7 @@ __all__ = [
     "MasaWarning",
     "Materialized",
     "MatrixPCA",
+    "ModelRunError",
     "NoAttentionError",
     "ParameterCount",
     "RewritePlan",

@@ -53,8 +53,8 @@ class Analysis:
 
     def __str__(self) -> str:
         lines = [
-            f"{self.model}: {len(self.sites)} attention blocks in "
-            f"{len(self.groups)} groups (captured with {self.capture_path})",
+            f"{self.model}: {_plural(len(self.sites), 'attention block')} in "
+            f"{_plural(len(self.groups), 'group')} (captured with {self.capture_path})",
         ]
         rows = [_group_row(g) for g in self.groups]
         if rows:
@@ -148,14 +148,14 @@ def _capture_and_find(model: nn.Module, inputs: Inputs) -> tuple[Capture, Findin
             return captured, found
         tried.append((captured, found))
         if not found.sites:
-            failures[path] = "captured, but found no attention core"
+            failures[path] = "captured the model, but no attention core in its graph"
             logger.debug("capture path %r found no attention core", path)
     if not tried:
         reasons = "\n".join(f"  {p}: {why}" for p, why in failures.items())
         raise CaptureError(
             f"could not capture {type(model).__name__}; every path failed:\n"
             f"{reasons}\nCheck that the example inputs match the model's forward, "
-            "or see the custom-architecture recipe in docs/."
+            "or see the recipe for custom architectures in docs/custom.md."
         )
 
     # The most sites, then the most skipped cores; the earlier path on a tie
@@ -173,6 +173,10 @@ def mha_fastpath_off() -> Iterator[None]:
         yield
     finally:
         torch.backends.mha.set_fastpath_enabled(enabled)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _group_row(group: Group) -> list[object]:

@@ -15,7 +15,7 @@ from masasurgery.analyze import Analysis, analyze
 from masasurgery.config import ROLES, MasaConfig
 from masasurgery.errors import (
     ConfigError,
-    MasaError,
+    ConversionMismatchError,
     NoAttentionError,
     VerificationError,
 )
@@ -136,10 +136,11 @@ class Conversion:
         """Put the original projections back and remove the dictionaries.
 
         Raises:
-            MasaError: The originals were released (``keep_originals=False``).
+            ConversionMismatchError: The originals were released
+                (``keep_originals=False``).
         """
         if self.rewrite.originals_released:
-            raise MasaError(
+            raise ConversionMismatchError(
                 "this conversion released its original projections "
                 "(keep_originals=False), so it cannot be undone or verified again; "
                 "reload the original model instead."
@@ -447,7 +448,7 @@ def _role_row(r: RoleFit) -> list[object]:
         shape,
         atoms,
         f"{r.energy_kept:.2%}",
-        f"{worst:.3g}",
+        f"{worst:.3f}",
     ]
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 __all__ = [
     "AlreadyConvertedError",
     "CaptureError",
+    "ConversionMismatchError",
     "CheckpointError",
     "ConfigError",
     "FitError",
     "LayoutError",
     "MasaError",
     "MasaWarning",
+    "ModelRunError",
     "NoAttentionError",
     "VerificationError",
 ]
@@ -50,6 +52,15 @@ class LayoutError(MasaError, NotImplementedError):
 
 class CheckpointError(MasaError, ValueError):
     """A saved checkpoint or plan does not match the model, or is malformed."""
+
+
+class ModelRunError(MasaError, RuntimeError):
+    """The model itself failed on the example inputs during a masasurgery step."""
+
+
+class ConversionMismatchError(MasaError, ValueError):
+    """A conversion record was used with a model it does not describe, or after
+    its original projections were released."""
 
 
 class VerificationError(MasaError, AssertionError):

@@ -86,11 +86,20 @@ class Checkpoint:
 
     directory: Path
     model: str
-    plan: RewritePlan
+    plan: RewritePlan = field(repr=False)
     config: MasaConfig | None
-    aliases: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict, repr=False)
     format_version: int = FORMAT_VERSION
     masasurgery_version: str = ""
+
+    def __str__(self) -> str:
+        options = "not converted" if self.config is None else self.config.to_json()
+        return (
+            f"masasurgery checkpoint of {self.model} at {self.directory} "
+            f"(format {self.format_version}): {options}, "
+            f"{len(self.plan.projections)} shared projections, "
+            f"{len(self.plan.dictionaries)} dictionaries"
+        )
 
     @property
     def weights_file(self) -> Path:

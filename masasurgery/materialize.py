@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,8 +42,15 @@ class Materialized:
         layouts: The layout of each, by qualified name.
     """
 
-    modules: dict[str, nn.Module]
-    layouts: dict[str, str]
+    modules: dict[str, nn.Module] = field(repr=False)
+    layouts: dict[str, str] = field(repr=False)
+
+    def __str__(self) -> str:
+        counts: dict[str, int] = {}
+        for layout in self.layouts.values():
+            counts[layout] = counts.get(layout, 0) + 1
+        kinds = ", ".join(f"{n} {layout}" for layout, n in sorted(counts.items()))
+        return f"materialized {len(self.modules)} projections ({kinds or 'none'})"
 
 
 def _dense_linear(installed: nn.Module, module: SharedProjection) -> nn.Module:

@@ -43,7 +43,12 @@ from masasurgery._state import (
     preserved,
     sdpa_backend_of,
 )
-from masasurgery.errors import MasaError, MasaWarning
+from masasurgery.errors import (
+    ConfigError,
+    ConversionMismatchError,
+    MasaWarning,
+    ModelRunError,
+)
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.layouts import LAYOUTS
 from masasurgery.passes.rewrite import _set_submodule
@@ -122,7 +127,9 @@ def verify(
         ConfigError: ``task`` or ``sdpa_backend`` is unknown, or ``task`` names
             logits the output does not have.
         VerificationError: The runs returned outputs of different structure.
-        MasaError: The conversion released its originals.
+        ConversionMismatchError: The conversion belongs to another model, or
+            released its originals.
+        ModelRunError: The model failed on the example inputs.
 
     Example:
         >>> import timm, masasurgery
@@ -139,8 +146,9 @@ def verify(
         True
     """
     # Options first, so that a bad one fails before anything moves
+    _check_belongs(model, conversion)
     if conversion.rewrite.originals_released:
-        raise MasaError(
+        raise ConversionMismatchError(
             "this conversion released its original projections "
             "(convert(..., keep_originals=False)), so there is nothing to verify "
             "against; convert with keep_originals=True to verify later."
@@ -248,6 +256,22 @@ def _runs(
     return _Runs(converted, reconstructed, original, float64, checks, settings)
 
 
+def _check_belongs(model: nn.Module, conversion: Conversion) -> None:
+    """Refuse a model the conversion record does not describe."""
+    for target, module in conversion.rewrite.replacements.items():
+        try:
+            found = model.get_submodule(target)
+        except AttributeError:
+            found = None
+        if found is not module:
+            raise ConversionMismatchError(
+                f"this conversion does not belong to {type(model).__name__}: its "
+                f"replacement for {target!r} is not in the model (found "
+                f"{type(found).__name__}). Pass the model that convert() changed, "
+                "with the record convert() returned for it."
+            )
+
+
 def _run_device(
     model: nn.Module, device: torch.device | str | None
 ) -> torch.device | None:
@@ -256,7 +280,19 @@ def _run_device(
         return None
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(
+            f"device must be a torch device such as 'cpu' or 'cuda:0', got "
+            f"{device!r} ({e})."
+        ) from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {str(device)!r} was asked for, but CUDA is not available here; "
+            "pass device='cpu', or leave device=None to use CUDA when there is one."
+        )
+    return device
 
 
 def _attention_mask(example_inputs: Any) -> Tensor | None:
@@ -434,7 +470,16 @@ def _run(model: nn.Module, inputs: Inputs) -> RunOutput:
     )
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(SEED)
-        return RunOutput.of(inputs.call(model))
+        try:
+            output = inputs.call(model)
+        except Exception as e:
+            raise ModelRunError(
+                f"{type(model).__name__} failed on the example inputs while "
+                f"verifying: {type(e).__name__}: {e}. Check that example_inputs "
+                "match model.forward (shapes, dtypes, token ids within the "
+                "vocabulary); the model was restored as it was."
+            ) from e
+        return RunOutput.of(output)
 
 
 def _float64_run(

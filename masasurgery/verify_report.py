@@ -200,7 +200,8 @@ class VerificationReport:
             f"  kernels: {_settings_line(self.settings)}",
             f"  part 1, rewrite exact: {verdict}  (max abs {r.max_abs:.3g} against "
             f"the original with fitted weights; {len(self.layer_checks)} layer checks)",
-            f"  part 2, approximation ({self.task}): {a.summary()}  [{lossless}]",
+            f"  part 2, approximation{_task_label(self.task)}: {a.summary()}  "
+            f"[{lossless}]",
         ]
         if self.reference is not None:
             lines += [
@@ -213,13 +214,20 @@ class VerificationReport:
         return "\n".join(lines)
 
 
+def _task_label(task: str) -> str:
+    return "" if task == "none" else f" ({task} outputs)"
+
+
 def _settings_line(settings: dict[str, Any]) -> str:
     fused = settings.get("fused_attn", {})
     parts = [
         f"SDPA {settings.get('sdpa_backend', '?')}",
         "MHA fast path " + ("on" if settings.get("mha_fastpath") else "off"),
         "TF32 " + ("on" if settings.get("cuda_matmul_tf32") else "off"),
-        f"fused_attn on in {sum(fused.values())} of {len(fused)} modules",
+    ]
+    if fused:  # timm attention modules only
+        parts.append(f"fused_attn on in {sum(fused.values())} of {len(fused)} modules")
+    parts += [
         f"seed {settings.get('seed')}",
         "train mode" if settings.get("training") else "eval mode",
     ]

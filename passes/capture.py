@@ -128,7 +128,7 @@ def capture(model: nn.Module, inputs: Inputs, paths: Sequence[str] = ()) -> Capt
     raise CaptureError(
         f"could not capture {type(model).__name__}; every path failed:\n{reasons}\n"
         "Check that the example inputs match the model's forward, or see the "
-        "custom-architecture recipe in docs/."
+        "recipe for custom architectures in docs/custom.md."
     )
 
 

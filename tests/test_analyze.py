@@ -14,7 +14,7 @@ def test_analysis_shows_groups_roles_and_shapes_before_anything_changes():
 
     assert analysis.capture_path == "fx" and len(analysis.sites) == 4
     text = str(analysis)
-    assert "4 attention blocks in 1 groups (captured with fx)" in text
+    assert "4 attention blocks in 1 group (captured with fx)" in text
     assert "blocks.0.attn .. blocks.3.attn" in text and "192x192 qkv" in text
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     data = json.loads(json.dumps(analysis.to_dict()))

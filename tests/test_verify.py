@@ -536,7 +536,10 @@ def test_the_float64_reference_warns_about_dropout_off_the_cpu(monkeypatch):
     def stop(*args):
         raise InterruptedError("stopped before the runs")
 
-    monkeypatch.setattr(importlib.import_module("masasurgery.verify"), "_runs", stop)
+    verify_module = importlib.import_module("masasurgery.verify")
+    monkeypatch.setattr(verify_module, "_runs", stop)
+    # Pretend a GPU is there: the warning is decided before anything runs
+    monkeypatch.setattr(verify_module, "_run_device", lambda m, d: torch.device(d))
     with (
         pytest.warns(MasaWarning, match="dropout draws other masks"),
         pytest.raises(InterruptedError),
@@ -652,3 +655,30 @@ def test_timm_vits_rewrite_is_exact_for_every_number_of_atoms(name, kwargs, atom
     report = masasurgery.verify(model, conversion, x, device="cpu")
     assert report.rewrite_exact and report.passed
     assert report.lossless == (atoms == 3)
+
+
+def test_a_conversion_used_with_another_model_is_refused():
+    model, conversion, x = _converted()
+    other = tiny_vit(depth=DEPTH)
+    with pytest.raises(masasurgery.ConversionMismatchError, match="does not belong"):
+        masasurgery.verify(other, conversion, x)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("bogus", "must be a torch device"), ("cuda", "CUDA is not available")],
+)
+def test_bad_devices_are_config_errors(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    model, conversion, x = _converted()
+    with pytest.raises(masasurgery.ConfigError, match=message):
+        masasurgery.verify(model, conversion, x, device=device)
+
+
+def test_inputs_the_model_rejects_are_named_and_nothing_changes():
+    model, conversion, x = _converted()
+    qkv = model.blocks[0].attn.qkv
+    with pytest.raises(masasurgery.ModelRunError, match="failed on the example inputs"):
+        masasurgery.verify(model, conversion, torch.randn(2, 3, 16, 16), device="cpu")
+    assert model.blocks[0].attn.qkv is qkv and not model.training
