@@ -580,11 +580,18 @@ def _prepare(model: nn.Module, checkpoint: Checkpoint) -> Rewrite | None:
         raise _mismatch(model, checkpoint, str(e).rstrip(".")) from e
 
 
+def _shapes(plan: RewritePlan) -> list[str]:
+    return [
+        f"{d.key}: {d.atoms}x{d.out_features}x{d.in_features}"
+        for d in plan.dictionaries
+    ]
+
+
 def _plan_difference(current: RewritePlan, saved: RewritePlan) -> str:
     if current.dictionaries != saved.dictionaries:
         return (
-            f"dictionaries {[d.key for d in current.dictionaries]} in the model vs "
-            f"{[d.key for d in saved.dictionaries]} in the checkpoint, or their sizes"
+            f"dictionaries {_shapes(current)} in the model vs {_shapes(saved)} in "
+            "the checkpoint (key: atoms x out x in)"
         )
     for now, then in zip(current.projections, saved.projections, strict=False):
         if now != then:
