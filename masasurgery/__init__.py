@@ -35,6 +35,7 @@ from masasurgery.materialize import materialize as materialize
 from masasurgery.modules import AtomDictionary as AtomDictionary
 from masasurgery.modules import DictionaryStore as DictionaryStore
 from masasurgery.modules import SharedConv1D as SharedConv1D
+from masasurgery.modules import SharedConv2d as SharedConv2d
 from masasurgery.modules import SharedMultiheadAttention as SharedMultiheadAttention
 from masasurgery.modules import SharedProjection as SharedProjection
 from masasurgery.modules import set_weight_cache as set_weight_cache
@@ -73,6 +74,7 @@ __all__ = [
     "RewritePlan",
     "RoleFit",
     "SharedConv1D",
+    "SharedConv2d",
     "SharedMultiheadAttention",
     "SharedProjection",
     "Tolerance",

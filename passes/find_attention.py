@@ -2,27 +2,42 @@
 
 The finder works on the graph, not on module names:
 
-1. Every attention core is found: a ``scaled_dot_product_attention`` call, or a
-   ``softmax`` fed by a matmul and feeding a matmul.
+1. Every attention core is found: a ``scaled_dot_product_attention`` call; a
+   ``softmax`` fed by a matmul (through scaling, masks, biases and head-mixing
+   Linears) whose probabilities reach a matmul with v (through dropout,
+   transposes, gating and renormalisation); or a softmax over the keys whose
+   context ``softmax(k)^T @ v`` is multiplied by q (factorized attention).
 2. From the core's q, k and v inputs the finder walks back to the projection that
    produced each one (a ``Linear`` module, ``F.linear`` on a module's weight, or a
-   1x1 ``Conv2d``, a Linear over channels),
-   through data movement (reshape, permute, unbind, ...) and shape-preserving ops
-   (norms, scaling, rotary embeddings).
-3. It then replays the data movement on a tensor that holds each output row's index,
-   so the rows of the projection that end up in q, k and v are read off exactly: a
+   plain 1x1 ``Conv2d``, a Linear over channels). The walk passes data movement
+   (reshape, permute, unbind, cat, pad, unfold, ...), shape-preserving ops (norms,
+   activations, scaling, rotary embeddings) and ops that keep channels apart while
+   changing the tokens (pooling, depthwise convolutions, reductions over tokens).
+   Arithmetic is followed into every operand computed from the model's inputs, so
+   ``proj(x) + x`` is not a projection of q. A role whose walk fails is left out
+   of the site (gcvit's global query is no projection); a core with no role left
+   is skipped.
+3. It then replays the walk on a tensor that holds each output row's index, so
+   the rows of the projection that end up in q, k and v are read off exactly: a
    fused ``qkv`` Linear, a ``kv`` Linear and separate projections all come out of
    the same rule.
 4. From the core's output it walks forward to the output projection (role ``o``).
+5. A projection that feeds several cores (a module called at every depth, a
+   query computed once per stage) belongs to no one block and is left out.
 
 Cores whose projections cannot be read are kept as :class:`SkippedSite` with the
-reason, and the reason is logged at debug level.
+reason, and the reason is logged at debug level, as are the roles left out.
+
+Cost: one pass over the graph's nodes; each core walks at most ``_MAX_WALK``
+nodes per role, and each walk is replayed once on an index tensor of the
+projection's output shape.
 """
 
 from __future__ import annotations
 
 import logging
 import operator
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,7 +92,8 @@ class AttentionSite:
 
     Attributes:
         core: Name of the core node (the SDPA call, or the softmax).
-        kind: ``"sdpa"`` or ``"softmax"``.
+        kind: ``"sdpa"``, ``"softmax"`` (scores between two matmuls) or
+            ``"factorized"`` (``q @ (softmax(k)^T @ v)``).
         block: The longest module prefix shared by the projections (``blocks.3.attn``).
         projections: The projection modules, in role order.
         num_heads: Heads of q, read from its shape, when q is 4-D.
@@ -333,7 +349,8 @@ def _match_core(node: fx.Node, modules: dict[str, nn.Module]) -> _Core | None:
         )
         return _Core(node, "sdpa", q, k, v, out=node, inner=[])
     if _is_softmax(node):
-        return _match_softmax_core(node, modules)
+        core = _match_softmax_core(node, modules)
+        return core or _match_factorized_core(node, modules)
     return None
 
 
@@ -362,6 +379,30 @@ def _match_softmax_core(
     (q, k), v = _operands(scores), _operands(user)[1 - _operands(user).index(probs)]
     inner += [scores, softmax, *path]
     return _Core(softmax, "softmax", q, k, v, out=user, inner=inner)
+
+
+def _match_factorized_core(
+    softmax: fx.Node, modules: dict[str, nn.Module]
+) -> _Core | None:
+    """Factorized attention (CoaT, efficient attention): ``q @ (softmax(k)^T @ v)``.
+
+    The softmax normalises the keys themselves, not scores: its input is k, the
+    matmul it reaches is the context ``softmax(k)^T @ v``, and the next matmul
+    that the context reaches multiplies it by q.
+    """
+    k = softmax.args[0] if softmax.args else softmax.kwargs.get("input")
+    found = _probabilities_matmul(softmax, modules)
+    if not isinstance(k, fx.Node) or found is None:
+        return None
+    context, keys, path = found
+    v = _operands(context)[1 - _operands(context).index(keys)]
+    found = _probabilities_matmul(context, modules)
+    if found is None:
+        return None
+    out, ctx, tail = found
+    q = _operands(out)[1 - _operands(out).index(ctx)]
+    inner = [softmax, *path, context, *tail]
+    return _Core(softmax, "factorized", q, k, v, out=out, inner=inner)
 
 
 def _probabilities_matmul(
@@ -446,57 +487,114 @@ def _arg(node: fx.Node, index: int, name: str) -> Any:
 def _walk_to_projection(start: Any, modules: dict[str, nn.Module]) -> _Walk:
     """The subgraph between one projection call and a core input.
 
-    A depth-first walk back through data movement and shape-preserving ops; a
-    concatenation is followed into every input (rotary embeddings that skip the
-    prefix tokens: ``cat([q[:, :1], rope(q[:, 1:])])``), and all branches must
-    end at the same projection call. The chain comes out in forward order.
+    A depth-first walk back through data movement and shape-preserving ops (see
+    :func:`_walk_inputs`); a concatenation or arithmetic on several inputs is
+    followed into each, and all branches must end at the same projection call.
+    The chain comes out in forward order.
     """
-    chain: list[fx.Node] = []
-    sources: dict[fx.Node, tuple[str, str]] = {}
-    seen: set[fx.Node] = set()
-    per_channel: set[fx.Node] = set()
+    walker = _Walker(start, modules)
+    walker.visit(start)
+    if len(walker.sources) != 1:
+        calls = sorted(f"{n.name} ({t})" for n, (t, _) in walker.sources.items())
+        raise _NotASite(f"{start} mixes the outputs of projections {calls}")
+    ((source, (target, layout)),) = walker.sources.items()
+    return _Walk(target, layout, source, walker.chain, walker.per_channel)
 
-    def visit(node: Any) -> None:
+
+class _Walker:
+    """The state of one walk back from a core input."""
+
+    def __init__(self, start: Any, modules: dict[str, nn.Module]) -> None:
+        self.start, self.modules = start, modules
+        self.chain: list[fx.Node] = []
+        self.sources: dict[fx.Node, tuple[str, str]] = {}
+        self.seen: set[fx.Node] = set()
+        self.per_channel: set[fx.Node] = set()
+
+    def visit(self, node: Any) -> None:
         if not isinstance(node, fx.Node):
-            raise _NotASite(f"no projection before {start}: reached {node!r}")
-        if node in seen:
+            raise _NotASite(f"no projection before {self.start}: reached {node!r}")
+        if node in self.seen:
             return
-        seen.add(node)
-        if len(seen) > _MAX_WALK:
+        self.seen.add(node)
+        if len(self.seen) > _MAX_WALK:
             raise _NotASite(
-                f"no projection found within {_MAX_WALK} nodes before {start}"
+                f"no projection found within {_MAX_WALK} nodes before {self.start}"
             )
-        found = _projection(node, modules)
+        found = _projection(node, self.modules)
         if found is not None:
-            sources[node] = found
+            self.sources[node] = found
             return
-        inputs = _walk_inputs(node, modules)
+
+        # Follow the inputs that carry the data, then record the node
+        inputs = _walk_inputs(node, self.modules)
         if inputs is None:
             raise _NotASite(
-                f"no projection before {start}: stopped at {_describe(node)}"
+                f"no projection before {self.start}: stopped at {_describe(node)}"
             )
-        if _reduces_tokens(node) or _keeps_channels(node, modules):
-            if not _passes_through(node, modules):
-                per_channel.add(node)
-        for arg in inputs:
-            visit(arg)
-        chain.append(node)  # after its inputs: forward order
+        if _reduces_tokens(node) or _keeps_channels(node, self.modules):
+            if not _passes_through(node, self.modules):
+                self.per_channel.add(node)
+        if _is_arithmetic(node):
+            self._visit_operands(inputs)
+        else:
+            for arg in inputs:
+                self.visit(arg)
+        self.chain.append(node)  # after its inputs: forward order
 
-    visit(start)
-    if len(sources) != 1:
-        calls = ", ".join(sorted(f"{n.name} ({t})" for n, (t, _) in sources.items()))
-        raise _NotASite(f"{start} mixes the outputs of several projections: {calls}")
-    ((source, (target, layout)),) = sources.items()
-    return _Walk(target, layout, source, chain, per_channel)
+    def _visit_operands(self, inputs: list[fx.Node]) -> None:
+        """Arithmetic: every data operand must reach the projection, except a
+        statistic of the walked tensor itself (``x / x.norm()``)."""
+        failed: list[tuple[fx.Node, _NotASite]] = []
+        for arg in inputs:
+            saved = self._save()
+            try:
+                self.visit(arg)
+            except _NotASite as e:
+                self._restore(saved)
+                failed.append((arg, e))
+        if len(failed) == len(inputs):
+            raise failed[0][1]
+        for arg, error in failed:
+            if not _derives_from(arg, self.seen):
+                raise error
+
+    def _save(self) -> tuple:
+        return (
+            len(self.chain),
+            set(self.seen),
+            dict(self.sources),
+            set(self.per_channel),
+        )
+
+    def _restore(self, saved: tuple) -> None:
+        length, self.seen, self.sources, self.per_channel = saved
+        del self.chain[length:]
+
+
+def _derives_from(node: fx.Node, targets: set[fx.Node], depth: int = 16) -> bool:
+    """Whether ``node`` is computed from one of ``targets`` within ``depth`` steps."""
+    frontier, visited = [node], set()
+    for _ in range(depth):
+        upstream = []
+        for n in frontier:
+            if n in targets:
+                return True
+            if n not in visited:
+                visited.add(n)
+                upstream.extend(n.all_input_nodes)
+        frontier = upstream
+    return False
 
 
 def _walk_inputs(node: fx.Node, modules: dict[str, nn.Module]) -> list[Any] | None:
     """The inputs a walk back from ``node`` follows; None where it must stop.
 
     * A concatenation: every input.
-    * Arithmetic (``x * cos + rotate(x) * sin``): every input of the output's
-      shape; broadcast operands (scales, tables) are constants. A residual
-      ``proj(x) + x`` thus fails, as the shortcut reaches no projection.
+    * Arithmetic (``x * cos + rotate(x) * sin``): every input that has the
+      output's shape and depends on the model's inputs; broadcast operands and
+      tables computed from constants (rotary ``cos``, ``sin``) are not data. A
+      residual ``proj(x) + x`` thus fails, as the shortcut reaches no projection.
     * Data movement, shape-preserving ops, and ops that keep each channel apart
       while changing the tokens (pooling, depthwise convolutions, reductions over
       tokens): the data input.
@@ -505,13 +603,34 @@ def _walk_inputs(node: fx.Node, modules: dict[str, nn.Module]) -> list[Any] | No
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         return [t for t in tensors if isinstance(t, fx.Node)]
     if _is_arithmetic(node):
-        same = [a for a in node.all_input_nodes if _shape(a) == _shape(node)]
+        data = _data_nodes(node.graph)
+        inputs = node.all_input_nodes
+        same = [a for a in inputs if _shape(a) == _shape(node) and a in data]
         return same or None
     if _moves_data(node) or _passes_through(node, modules):
         return [_data_input(node)]
     if _reduces_tokens(node) or _keeps_channels(node, modules):
         return [_data_input(node)]
     return None
+
+
+_DATA_NODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _data_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The tensors computed from the model's tensor inputs; sizes read off a
+    tensor (``x.shape``) are not data. Cached per graph."""
+    if graph not in _DATA_NODES:
+        data: set[fx.Node] = set()
+        for node in graph.nodes:
+            is_tensor = "tensor_meta" in node.meta
+            if node.op == "placeholder":
+                if is_tensor:
+                    data.add(node)
+            elif is_tensor and any(a in data for a in node.all_input_nodes):
+                data.add(node)
+        _DATA_NODES[graph] = data
+    return _DATA_NODES[graph]
 
 
 def _walk_to_output(start: fx.Node, modules: dict[str, nn.Module]) -> _Walk | None:

@@ -329,3 +329,65 @@ class SharedLayer(nn.Module):
         for _ in range(self.depth):
             x = x + self.attn(x)
         return x
+
+
+class Factorized(nn.Module):
+    """CoaT: softmax over the keys, context ``k^T v``, then ``q @ context``."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        context = k.softmax(dim=2).transpose(-1, -2) @ v  # (B, H, D, D)
+        x = (q @ context).transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class CosineRotary(nn.Module):
+    """swinv2 and qwen2 as export writes them: q and k divided by their own norm
+    (expanded to their shape), and a rotary table as large as k (one key head)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * self.head_dim)
+        self.register_buffer("freq", torch.randn(self.head_dim), persistent=False)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q = _heads(self.q(x), self.heads)
+        k, v = self.kv(x).view(B, N, 1, 2 * self.head_dim).transpose(1, 2).chunk(2, -1)
+        angle = torch.arange(N, dtype=x.dtype)[:, None] * self.freq  # (N, D)
+        cos = angle.cos().expand(B, 1, N, self.head_dim)  # as large as k
+        k = k * cos
+        q = q / q.norm(dim=-1, keepdim=True).expand_as(q)
+        k = k / k.norm(dim=-1, keepdim=True).expand_as(k)
+        k, v = k.expand(B, self.heads, N, -1), v.expand(B, self.heads, N, -1)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return x.transpose(1, 2).reshape(B, N, C)
+
+
+class HalfHidden(nn.Module):
+    """Two plain attention blocks, then two that fx keeps as leaves (torch's own
+    ``nn.MultiheadAttention``): fx sees half of the attention, export all of it."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.plain = nn.ModuleList([SeparateQKV(dim), SeparateQKV(dim)])
+        self.mha = nn.ModuleList(
+            [nn.MultiheadAttention(dim, 4, batch_first=True) for _ in range(2)]
+        )
+
+    def forward(self, x):
+        for block in self.plain:
+            x = x + block(x)
+        for block in self.mha:
+            x = x + block(x, x, x, need_weights=False)[0]
+        return x

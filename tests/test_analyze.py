@@ -2,7 +2,7 @@ import json
 
 import torch
 from conftest import image_batch, tiny_vit
-from custom_models import SeparateQKV, Stack
+from custom_models import HalfHidden, SeparateQKV, Stack
 
 import masasurgery
 
@@ -31,3 +31,8 @@ def test_singletons_are_listed_as_left_alone():
     model = Stack(SeparateQKV, depths=(2, 1), dims=(32, 48))
     analysis = masasurgery.analyze(model, torch.randn(1, 5, 32))
     assert "left alone (repeats nowhere): stages.1.0.attn" in str(analysis)
+
+
+def test_attention_hidden_in_fx_leaves_is_found_by_export():
+    analysis = masasurgery.analyze(HalfHidden().eval(), torch.randn(1, 5, 32))
+    assert analysis.capture_path == "export" and len(analysis.sites) == 4

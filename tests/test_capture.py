@@ -1,6 +1,7 @@
 import pytest
 import torch
 from conftest import image_batch, tiny_vit
+from custom_models import HalfHidden
 from masasurgery.passes import Inputs, capture
 from torch import nn
 
@@ -55,3 +56,10 @@ def test_inputs_accept_tensors_tuples_and_keywords():
     assert Inputs.of(x).args == (x,)
     assert Inputs.of((x, x)).args == (x, x)
     assert Inputs.of({"pixel_values": x}).kwargs == {"pixel_values": x}
+
+
+def test_fx_names_the_leaves_that_own_projections():
+    captured = capture(HalfHidden(), Inputs.of(torch.randn(1, 5, 32)), paths=["fx"])
+    assert captured.hidden == ["mha.0", "mha.1"]
+    exported = capture(HalfHidden(), Inputs.of(torch.randn(1, 5, 32)), ["export"])
+    assert exported.hidden == []

@@ -3,6 +3,8 @@ import torch
 from conftest import image_batch, set_fused_attn, tiny_vit
 from custom_models import (
     ChannelsFirst,
+    CosineRotary,
+    Factorized,
     FusedKV,
     GatedPositional,
     GlobalQuery,
@@ -173,3 +175,16 @@ def test_a_linear_with_batchnorm_and_reshape_as_is_a_projection():
     # levit's LinearNorm: bn(x.flatten(0, 1)).reshape_as(x)
     site = _find(Stack(TalkingHeads, depths=(2,)), torch.randn(2, 5, 32)).sites[0]
     assert site.projection_of("q").target.endswith("attn.q.linear")
+
+
+def test_factorized_attention_reads_k_from_the_softmax_and_q_from_the_last_matmul():
+    site = _find(Stack(Factorized, depths=(2,)), torch.randn(2, 5, 32)).sites[0]
+    assert site.kind == "factorized"
+    assert _roles(site) == {"qkv": QKV_32, "proj": {"o": (0, 32)}}
+
+
+def test_a_norm_of_the_tensor_itself_and_a_constant_table_are_not_data():
+    # x / x.norm(...).expand_as(x): the norm derives from the walked tensor;
+    # k * cos with cos as large as k: cos is computed from constants
+    site = _find(Stack(CosineRotary, depths=(2,)), torch.randn(2, 5, 32)).sites[0]
+    assert _roles(site) == {"q": {"q": (0, 32)}, "kv": {"k": (0, 8), "v": (8, 16)}}

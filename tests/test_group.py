@@ -1,6 +1,6 @@
 import torch
 from conftest import image_batch, tiny_vit
-from custom_models import FusedKV, SeparateQKV, Stack
+from custom_models import FusedKV, GlobalQuery, SeparateQKV, Stack
 from masasurgery.passes import Inputs, capture, find_attention, group_sites
 
 
@@ -38,3 +38,14 @@ def test_a_block_that_repeats_nowhere_is_a_singleton():
     grouping = _group(model, torch.randn(2, 5, 32))
     assert [g.num_blocks for g in grouping.groups] == [2]
     assert [s.block for s in grouping.singletons] == ["stages.1.0.attn"]
+
+
+def test_blocks_that_lack_a_role_group_apart_from_full_blocks():
+    # gcvit alternates local attention (q, k, v) and global attention, whose q
+    # is no projection: the two kinds of blocks form two groups
+    model = Stack(FusedKV, depths=(2,))
+    model.stages.append(Stack(GlobalQuery, depths=(2,)).stages[0])
+    model.downs.append(torch.nn.Identity())
+    grouping = _group(model, torch.randn(2, 5, 32))
+    assert [g.roles for g in grouping.groups] == [["q", "k", "v", "o"], ["k", "v", "o"]]
+    assert [g.num_blocks for g in grouping.groups] == [2, 2]
