@@ -29,3 +29,16 @@ def set_fused_attn(model: nn.Module, fused: bool) -> None:
     for module in model.modules():
         if hasattr(module, "fused_attn"):
             module.fused_attn = fused
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every tensor of the model's state."""
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def same_state(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """True when the model's state has exactly the keys and values of ``state``."""
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(
+        torch.equal(now[k], state[k]) for k in now
+    )

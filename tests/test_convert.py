@@ -1,6 +1,8 @@
 import pytest
 import torch
 from conftest import image_batch, set_fused_attn, tiny_vit
+from conftest import same_state as _same_state
+from conftest import snapshot as _state
 from custom_models import NoAttention, SeparateQKV, Stack
 
 import masasurgery
@@ -18,17 +20,6 @@ TIMM_VITS = [
     ("vit_small_patch14_dinov2", {"patch_size": 14, "img_size": 28}),
     ("vit_small_patch14_reg4_dinov2", {"patch_size": 14, "img_size": 28}),
 ]
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(
-        torch.equal(now[k], state[k]) for k in now
-    )
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])

@@ -6,6 +6,8 @@ import pickle
 import pytest
 import torch
 from conftest import image_batch, tiny_vit
+from conftest import same_state as _same_state
+from conftest import snapshot as _state
 from custom_models import SeparateQKV, Stack
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -25,17 +27,6 @@ def _converted(depth=3, atoms=2, **kwargs):
     x = image_batch()
     conversion = masasurgery.convert(model, atoms=atoms, example_inputs=x, verify=False)
     return model, conversion
-
-
-def _state(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def _same_state(model, state):
-    now = model.state_dict()
-    return now.keys() == state.keys() and all(
-        torch.equal(now[k], state[k]) for k in now
-    )
 
 
 def _assert_shares_atoms(model):
