@@ -89,7 +89,13 @@ class DictionaryStore(nn.ModuleDict):
 
     Keys are ``"group{g}_{role}"``, so the atoms of group 0's q dictionary live at
     ``masa.group0_q.atoms`` in the model's ``state_dict()``.
+
+    Its forward passes its input through unchanged: a root ``nn.Sequential``
+    calls every child in turn, the store included, and must compute what it did.
     """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
 
 
 class SharedProjection(nn.Module):

@@ -399,7 +399,12 @@ def _output_checks(
     parts = _roles_by_target(conversion)
     handles = []
 
+    layouts = _layouts(conversion)
+
     def make_hook(target: str):
+        # The output's feature dimension: last for Linear, 1 for a 1x1 conv
+        dim = LAYOUTS[layouts[target]].out_dim
+
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             expected = references[target](*args)
             for role, start, stop, _ in parts[target]:
@@ -408,15 +413,14 @@ def _output_checks(
                     target,
                     role,
                     "output",
-                    output[..., start:stop],
-                    expected[..., start:stop],
+                    output.narrow(dim, start, stop - start),
+                    expected.narrow(dim, start, stop - start),
                     tolerance,
                 )
 
         return hook
 
     # Only modules the model calls on the projection's input can be hooked
-    layouts = _layouts(conversion)
     for target in parts:
         if LAYOUTS[layouts[target]].called:
             module = replacements[target]

@@ -111,13 +111,10 @@ LAYOUTS: dict[str, Layout] = {
     "linear": Layout(weight=_linear_weight, replacement=_linear_replacement),
     # transformers' Conv1D (GPT-2): stored (in, out), computes x @ W + b
     "conv1d": Layout(weight=_conv1d_weight, replacement=_conv1d_replacement),
-    # A 1x1 nn.Conv2d with one group: a Linear over channels, rows on dim 1.
-    # TODO(issue 3): verify's per-projection output hook slices the last dim;
-    # until it reads out_dim, conv outputs are checked end to end only.
+    # A 1x1 nn.Conv2d with one group: a Linear over channels, rows on dim 1
     "conv1x1": Layout(
         weight=_conv1x1_weight,
         replacement=_conv1x1_replacement,
-        called=False,
         out_dim=1,
     ),
     # nn.MultiheadAttention's packed in_proj_weight (3E, E): q, k, v rows

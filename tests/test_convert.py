@@ -162,3 +162,14 @@ def test_releasing_the_originals_frees_them_and_forbids_undo():
         conversion.undo(model)
     with pytest.raises(masasurgery.MasaError, match="nothing to verify against"):
         masasurgery.verify(model, conversion, image_batch())
+
+
+def test_a_sequential_root_still_computes_the_same_function():
+    from custom_models import Block
+
+    model = torch.nn.Sequential(*[Block(SeparateQKV(32), 32) for _ in range(3)]).eval()
+    x = torch.randn(2, 5, 32)
+    expected = model(x)
+    conversion = masasurgery.convert(model, atoms=3, example_inputs=x)
+    assert conversion.verification.passed
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)

@@ -682,3 +682,14 @@ def test_inputs_the_model_rejects_are_named_and_nothing_changes():
     with pytest.raises(masasurgery.ModelRunError, match="failed on the example inputs"):
         masasurgery.verify(model, conversion, torch.randn(2, 3, 16, 16), device="cpu")
     assert model.blocks[0].attn.qkv is qkv and not model.training
+
+
+def test_one_by_one_conv_projections_are_checked_per_output_channel():
+    from custom_models import ChannelsFirst
+
+    model = torch.nn.Sequential(ChannelsFirst(16), ChannelsFirst(16)).eval()
+    x = torch.randn(2, 16, 4, 4)
+    conversion = masasurgery.convert(model, atoms=1, example_inputs=x, verify=False)
+    report = masasurgery.verify(model, conversion, x, device="cpu")
+    outputs = [c for c in report.layer_checks if c.check == "output"]
+    assert outputs and all(c.passed for c in outputs)
