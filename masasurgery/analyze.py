@@ -22,6 +22,7 @@ from masasurgery.passes.find_attention import (
     find_attention,
 )
 from masasurgery.passes.group import Group, group_sites
+from masasurgery.passes.structure import find_by_structure
 from masasurgery.report import format_table
 
 __all__ = ["Analysis", "analyze"]
@@ -110,7 +111,10 @@ def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
         [4]
     """
     inputs = resolve_inputs(model, example_inputs)
-    captured, found = _capture_and_find(model, inputs)
+    try:
+        captured, found = _capture_and_find(model, inputs)
+    except CaptureError as error:
+        return _analyze_structure(model, error)
     grouping = group_sites(captured, found.sites)
     return Analysis(
         model=type(model).__name__,
@@ -152,16 +156,36 @@ def _capture_and_find(model: nn.Module, inputs: Inputs) -> tuple[Capture, Findin
             logger.debug("capture path %r found no attention core", path)
     if not tried:
         reasons = "\n".join(f"  {p}: {why}" for p, why in failures.items())
-        raise CaptureError(
+        error = CaptureError(
             f"could not capture {type(model).__name__}; every path failed:\n"
             f"{reasons}\nCheck that the example inputs match the model's forward, "
             "or see the recipe for custom architectures in docs/custom.md."
         )
+        error.failures = dict(failures)
+        raise error
 
     # The most sites, then the most skipped cores; the earlier path on a tie
     best = max(tried, key=lambda t: (len(t[1].sites), len(t[1].skipped)))
     best[0].failures = {p: why for p, why in failures.items() if p != best[0].path}
     return best
+
+
+def _analyze_structure(model: nn.Module, error: CaptureError) -> Analysis:
+    """The last path: attention read off the module tree by conventional names."""
+    found = find_by_structure(model)
+    if not found.sites:
+        raise error
+    logger.debug("no graph captured %s; read its attention by structure", model)
+    grouping = group_sites(None, found.sites)
+    return Analysis(
+        model=type(model).__name__,
+        capture_path="structure",
+        capture_failures=dict(getattr(error, "failures", {})),
+        sites=found.sites,
+        groups=grouping.groups,
+        singletons=grouping.singletons,
+        skipped=[],
+    )
 
 
 @contextlib.contextmanager

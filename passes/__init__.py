@@ -17,6 +17,7 @@ from masasurgery.passes.group import group_sites as group_sites
 from masasurgery.passes.rewrite import Rewrite as Rewrite
 from masasurgery.passes.rewrite import restore as restore
 from masasurgery.passes.rewrite import rewrite as rewrite
+from masasurgery.passes.structure import find_by_structure as find_by_structure
 
 __all__ = [
     "AttentionSite",
@@ -30,6 +31,7 @@ __all__ = [
     "SkippedSite",
     "capture",
     "find_attention",
+    "find_by_structure",
     "group_sites",
     "restore",
     "rewrite",

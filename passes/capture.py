@@ -158,9 +158,8 @@ def _trace_export(model: nn.Module, inputs: Inputs) -> fx.GraphModule:
     return gm
 
 
-#: Capture paths, tried in order; the first that captures is used.
-#: TODO(issue 3): a structural fallback (module tree, no graph) for models that
-#: neither fx nor export can capture.
+#: Graph capture paths, tried in order. When both fail, the analysis reads the
+#: module tree instead (:mod:`masasurgery.passes.structure`).
 CAPTURE_PATHS: dict[str, Callable[[nn.Module, Inputs], fx.GraphModule]] = {
     "fx": _trace_fx,
     "export": _trace_export,

@@ -63,11 +63,12 @@ class Grouping:
     singletons: list[AttentionSite]
 
 
-def group_sites(capture: Capture, sites: list[AttentionSite]) -> Grouping:
+def group_sites(capture: Capture | None, sites: list[AttentionSite]) -> Grouping:
     """Group sites whose attention subgraphs and projection shapes match.
 
     Args:
-        capture: The graph the sites were found in.
+        capture: The graph the sites were found in; None for sites read off the
+            module tree, which group by kind and projection shapes alone.
         sites: The sites, in graph order.
 
     Returns:
@@ -81,8 +82,9 @@ def group_sites(capture: Capture, sites: list[AttentionSite]) -> Grouping:
         >>> group_sites(cap, find_attention(cap).sites).groups[0].blocks
         ['blocks.0.attn', 'blocks.1.attn', 'blocks.2.attn']
     """
-    modules = dict(capture.gm.named_modules())
-    nodes = {n.name: n for n in capture.gm.graph.nodes}
+    # Sites read off the module tree (capture is None) have no graph
+    modules = {} if capture is None else dict(capture.gm.named_modules())
+    nodes = {} if capture is None else {n.name: n for n in capture.gm.graph.nodes}
 
     # Bucket by hash and projection signature, then confirm by isomorphism
     buckets: dict[tuple, list[list[tuple[AttentionSite, nx.DiGraph]]]] = {}
@@ -124,6 +126,9 @@ def _site_dag(
 ) -> nx.DiGraph:
     """The attention subgraph of a site, each node labelled by its op."""
     dag = nx.DiGraph()
+    if not site.nodes:  # no graph: the kind (with its module class) stands in
+        dag.add_node("core", op=site.kind)
+        return dag
     members = set(site.nodes)
     for name in site.nodes:
         node = nodes[name]

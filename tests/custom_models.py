@@ -391,3 +391,23 @@ class HalfHidden(nn.Module):
         for block in self.mha:
             x = x + block(x, x, x, need_weights=False)[0]
         return x
+
+
+class Untraceable(nn.Module):
+    """Blocks behind a branch on a tensor's value: neither fx nor export reads it."""
+
+    def __init__(self, dim: int = 32, depth: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(SeparateQKVNamed(dim), dim) for _ in range(depth)
+        )
+
+    def forward(self, x):
+        for block in self.blocks:
+            if x.abs().mean().item() > 1e-6:  # data-dependent Python control flow
+                x = block(x)
+        return x
+
+
+class SeparateQKVNamed(SeparateQKV):
+    """SeparateQKV with the q_proj/k_proj/v_proj/o_proj names of transformers."""
