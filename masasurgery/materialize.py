@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from masasurgery.errors import LayoutError
-from masasurgery.modules import SharedProjection
+from masasurgery.modules import SharedProjection, shallow_copy_as
 from masasurgery.passes.rewrite import (
     STORE_NAME,
     _set_submodule,
@@ -98,10 +98,7 @@ def _dense_multihead_attention(
 ) -> nn.Module:
     # A plain nn.MultiheadAttention with the same settings and children, whose
     # in_proj_weight is the composed packed weight again
-    dense = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
-    dense.__dict__ = dict(installed.__dict__)
-    for name in ("_parameters", "_buffers", "_modules"):
-        dense.__dict__[name] = dict(installed.__dict__[name])
+    dense = shallow_copy_as(installed, nn.MultiheadAttention)
     del dense._modules["in_proj"]
     dense.in_proj_weight = _copy(module.weight, _trainable(module))
     return dense

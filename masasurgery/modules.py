@@ -400,6 +400,19 @@ class SharedConv2d(SharedProjection):
         )
 
 
+def shallow_copy_as(module: nn.Module, cls: type[nn.Module]) -> nn.Module:
+    """A new ``cls`` module sharing ``module``'s settings, tensors and children.
+
+    The registries (parameters, buffers, children) are new dicts, so adding or
+    removing an entry on the copy leaves ``module`` as it was.
+    """
+    new = cls.__new__(cls)
+    new.__dict__ = dict(module.__dict__)
+    for name in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[name] = dict(module.__dict__[name])
+    return new
+
+
 class SharedMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose packed ``in_proj_weight`` is composed.
 
@@ -425,10 +438,7 @@ class SharedMultiheadAttention(nn.MultiheadAttention):
                 "nn.MultiheadAttention with kdim/vdim different from embed_dim keeps "
                 "separate q/k/v weights; sharing them is not supported yet."
             )
-        new = cls.__new__(cls)
-        new.__dict__ = dict(module.__dict__)
-        for name in ("_parameters", "_buffers", "_modules"):
-            new.__dict__[name] = dict(module.__dict__[name])
+        new = shallow_copy_as(module, cls)
         del new._parameters["in_proj_weight"]
         new.in_proj = in_proj
         return new
