@@ -27,6 +27,7 @@ from masasurgery.passes.rewrite import Rewrite, check_free, restore, rewrite
 from masasurgery.report import format_count, format_table
 
 if TYPE_CHECKING:
+    from masasurgery.compress import Compression
     from masasurgery.verify import VerificationReport
 
 __all__ = ["Conversion", "ParameterCount", "RoleFit", "convert"]
@@ -47,6 +48,7 @@ class RoleFit:
         requested_atoms: Atoms asked for; more than ``L`` is capped to ``L``.
         energy_kept: Share of the stacked weights' energy the atoms reproduce.
         layer_errors: Relative Frobenius error of each block's weight.
+        residual_rank: Rank of each block's own low-rank residual (0: none).
     """
 
     group: int
@@ -57,6 +59,7 @@ class RoleFit:
     requested_atoms: int
     energy_kept: float
     layer_errors: list[float]
+    residual_rank: int = 0
 
     @property
     def capped(self) -> bool:
@@ -112,6 +115,8 @@ class Conversion:
         fits: The raw fits, by ``(group, role)``.
         rewrite: The store, the original modules and their replacements.
         verification: The verifier's report, when ``convert`` verified.
+        compression: What :func:`masasurgery.compress` chose (groups, atoms and
+            ranks under the budget); None for :func:`convert`.
     """
 
     config: MasaConfig
@@ -121,6 +126,7 @@ class Conversion:
     fits: dict[tuple[int, str], MatrixPCA] = field(repr=False)
     rewrite: Rewrite = field(repr=False)
     verification: VerificationReport | None = None
+    compression: Compression | None = None
 
     @property
     def capped(self) -> list[RoleFit]:
@@ -184,6 +190,8 @@ class Conversion:
                 f"note: group {r.group} role {r.role} has {r.blocks} blocks, so atoms "
                 f"{r.requested_atoms} was capped to {r.atoms} (lossless there)"
             )
+        if self.compression is not None:
+            lines += ["", str(self.compression)]
         if self.verification is not None:
             lines += ["", str(self.verification)]
         return "\n".join(lines)
@@ -205,6 +213,9 @@ class Conversion:
             "verification": None
             if self.verification is None
             else self.verification.to_dict(),
+            "compression": None
+            if self.compression is None
+            else self.compression.to_dict(),
         }
 
 
@@ -269,10 +280,23 @@ def convert(
     inputs = resolve_inputs(model, example_inputs)
     analysis = analyze(model, inputs)
     _check_convertible(analysis, config)
-    model_before = _count_unique(model)
     fits = _fit_groups(model, analysis.groups, config)
+    conversion = apply_fits(model, analysis, fits, config)
+    _warn_capped(conversion)
+    finish(model, conversion, inputs, verify, device, keep_originals)
+    return conversion
+
+
+def apply_fits(
+    model: nn.Module,
+    analysis: Analysis,
+    fits: dict[tuple[int, str], MatrixPCA],
+    config: MasaConfig,
+) -> Conversion:
+    """Rewrite ``model`` with ``fits`` for ``analysis.groups``, and count."""
+    model_before = _count_unique(model)
     done = rewrite(model, analysis.groups, fits)
-    conversion = Conversion(
+    return Conversion(
         config=config,
         analysis=analysis,
         roles=_role_fits(analysis.groups, fits),
@@ -280,12 +304,21 @@ def convert(
         fits=fits,
         rewrite=done,
     )
-    _warn_capped(conversion)
+
+
+def finish(
+    model: nn.Module,
+    conversion: Conversion,
+    inputs: Any,
+    verify: bool,
+    device: torch.device | str | None,
+    keep_originals: bool,
+) -> None:
+    """Verify (undoing on failure) and release the originals, as asked."""
     if verify:
         _verify_or_undo(model, conversion, inputs, device)
     if not keep_originals:
         conversion.release_originals()
-    return conversion
 
 
 def _check_model(model: nn.Module) -> None:
@@ -336,12 +369,7 @@ def _fit_groups(
         for role in group.roles:
             if role not in config.roles:
                 continue
-            weights = []
-            for site in group.sites:
-                projection = site.projection_of(role)
-                module = model.get_submodule(projection.target)
-                start, stop = projection.roles[role]
-                weights.append(read_rows(module, projection.layout, start, stop))
+            weights = role_weights(model, group, role)
             with torch.no_grad():
                 fits[group.index, role] = matrix_pca(weights, config.atoms)
             logger.debug(
@@ -353,6 +381,17 @@ def _fit_groups(
                 fits[group.index, role].energy_kept,
             )
     return fits
+
+
+def role_weights(model: nn.Module, group: Group, role: str) -> list[torch.Tensor]:
+    """The ``(rows, in)`` weight of ``role`` in each block of ``group``, as views."""
+    weights = []
+    for site in group.sites:
+        projection = site.projection_of(role)
+        module = model.get_submodule(projection.target)
+        start, stop = projection.roles[role]
+        weights.append(read_rows(module, projection.layout, start, stop))
+    return weights
 
 
 def _role_fits(
@@ -368,6 +407,7 @@ def _role_fits(
             requested_atoms=fit.requested_atoms,
             energy_kept=fit.energy_kept,
             layer_errors=fit.layer_errors.tolist(),
+            residual_rank=fit.residual_rank,
         )
         for (g, role), fit in fits.items()
     ]
@@ -379,8 +419,10 @@ def _count(
     fits: dict[tuple[int, str], MatrixPCA],
     model_before: int,
 ) -> ParameterCount:
-    shared_before = sum(f.num_layers * f.atoms[0].numel() for f in fits.values())
-    shared_after = sum(f.atoms.numel() + f.coefficients.numel() for f in fits.values())
+    shared_before = sum(
+        f.num_layers * f.atoms.shape[1] * f.atoms.shape[2] for f in fits.values()
+    )
+    shared_after = sum(f.num_parameters for f in fits.values())
     attention_before = _count_modules(done.originals.values())
     attention_after = _count_modules([done.store, *done.replacements.values()])
     return ParameterCount(
@@ -439,6 +481,8 @@ def _verify_or_undo(
 
 def _role_row(r: RoleFit) -> list[object]:
     atoms = f"{r.atoms}" if not r.capped else f"{r.atoms} (of {r.requested_atoms})"
+    if r.residual_rank:
+        atoms += f" + rank {r.residual_rank}"
     worst = max(r.layer_errors) if r.layer_errors else 0.0
     shape = f"{r.shape[0]}x{r.shape[1]}"
     return [

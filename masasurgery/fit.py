@@ -58,6 +58,10 @@ class MatrixPCA:
         layer_errors: Relative Frobenius error ``||W_l - W^_l|| / ||W_l||`` of each
             layer, shape ``(L,)``, float64, computed exactly from the Gram matrix.
         requested_atoms: The ``atoms`` asked for; more than ``L`` is capped to ``L``.
+        residual_up: Optional per-layer low-rank residual, left factors, shape
+            ``(L, out, r)``; ``reconstruct`` adds ``residual_up[l] @
+            residual_down[l]``. Calibrated fits set it (``masasurgery.fit_data``).
+        residual_down: Right factors, shape ``(L, r, in)``.
     """
 
     atoms: Tensor
@@ -65,6 +69,21 @@ class MatrixPCA:
     eigenvalues: Tensor
     layer_errors: Tensor
     requested_atoms: int
+    residual_up: Tensor | None = None
+    residual_down: Tensor | None = None
+
+    @property
+    def residual_rank(self) -> int:
+        """Rank of each layer's residual (0 without one)."""
+        return 0 if self.residual_down is None else self.residual_down.shape[1]
+
+    @property
+    def num_parameters(self) -> int:
+        """Atoms, coefficients and residual factors: what the fit costs."""
+        count = self.atoms.numel() + self.coefficients.numel()
+        if self.residual_down is not None:
+            count += self.residual_up.numel() + self.residual_down.numel()
+        return count
 
     @property
     def num_atoms(self) -> int:
@@ -88,8 +107,15 @@ class MatrixPCA:
         return self.eigenvalues[: self.num_atoms].sum().item() / total
 
     def reconstruct(self, layer: int) -> Tensor:
-        """The fitted weight of one layer, ``sum_s c[layer, s] * atoms[s]``."""
-        return torch.tensordot(self.coefficients[layer], self.atoms, dims=1)
+        """The fitted weight of one layer, ``sum_s c[layer, s] * atoms[s]``.
+
+        Plus ``residual_up[layer] @ residual_down[layer]`` when the fit has one.
+        """
+        weight = torch.tensordot(self.coefficients[layer], self.atoms, dims=1)
+        if self.residual_down is not None:
+            up, down = self.residual_up[layer], self.residual_down[layer]
+            weight = torch.addmm(weight, up.to(weight.dtype), down.to(weight.dtype))
+        return weight
 
 
 def matrix_pca(weights: Sequence[Tensor], atoms: int) -> MatrixPCA:

@@ -469,7 +469,7 @@ def _dictionary_plan(data: Any) -> DictionaryPlan:
     return DictionaryPlan(
         key=_name(data, "key", where),
         role=_field(data, "role", str, where),
-        atoms=_count(data, "atoms", where),
+        atoms=_count(data, "atoms", where, minimum=0),
         out_features=_count(data, "out_features", where),
         in_features=_count(data, "in_features", where),
     )
@@ -489,9 +489,17 @@ def _projection_plan(data: Any) -> ProjectionPlan:
                 f"{where}: a part's dictionary must be a string or null, got "
                 f"{dictionary!r}."
             )
+        rank = part.get("rank", 0)
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise CheckpointError(
+                f"{where}: a part's rank must be a non-negative integer, got {rank!r}."
+            )
         parts.append(
             PartPlan(
-                _name(part, "name", where), _count(part, "rows", where), dictionary
+                _name(part, "name", where),
+                _count(part, "rows", where),
+                dictionary,
+                rank,
             )
         )
     return ProjectionPlan(
@@ -528,10 +536,12 @@ def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
     return value
 
 
-def _count(data: dict[str, Any], key: str, where: str) -> int:
+def _count(data: dict[str, Any], key: str, where: str, minimum: int = 1) -> int:
     value = _field(data, key, int, where)
-    if value < 1:
-        raise CheckpointError(f"{where}: {key!r} must be at least 1, got {value}.")
+    if value < minimum:
+        raise CheckpointError(
+            f"{where}: {key!r} must be at least {minimum}, got {value}."
+        )
     return value
 
 

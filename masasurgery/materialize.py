@@ -222,6 +222,7 @@ def _swap_dense(model: nn.Module, order: list[_Site], dense: list[nn.Module]) ->
 
 def _trainable(module: SharedProjection) -> bool:
     tensors = [*module.coefficients.values(), *module.dense.values()]
+    tensors += [*module.residual_up.values(), *module.residual_down.values()]
     tensors += [d.atoms for d in module.dictionaries.values()]
     return any(t.requires_grad for t in tensors)
 

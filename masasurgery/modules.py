@@ -7,6 +7,9 @@
 
       weight[rows of role r] = sum_s coefficients[r][s] * dictionaries[r].atoms[s]
 
+  A part may add its own low-rank residual, ``up @ down`` (``(rows, r)`` times
+  ``(r, in)``), fitted to what the atoms miss in that layer.
+
 * :class:`DictionaryStore` is the one place in the model that registers the
   dictionaries, so every atom tensor appears once in ``named_parameters()`` and once
   in ``state_dict()``.
@@ -124,6 +127,9 @@ class SharedProjection(nn.Module):
         self.parts: list[str] = []
         self.coefficients = nn.ParameterDict()
         self.dense = nn.ParameterDict()
+        # Per-layer low-rank residuals of shared parts: weight += up @ down
+        self.residual_up = nn.ParameterDict()
+        self.residual_down = nn.ParameterDict()
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias)
         self.bias = bias
@@ -136,9 +142,21 @@ class SharedProjection(nn.Module):
         return dict(self._dictionaries)
 
     def add_shared(
-        self, role: str, dictionary: AtomDictionary, coefficients: Tensor
+        self,
+        role: str,
+        dictionary: AtomDictionary,
+        coefficients: Tensor,
+        residual: tuple[Tensor, Tensor] | None = None,
     ) -> None:
-        """Append the rows of ``role``, composed from ``dictionary``."""
+        """Append the rows of ``role``, composed from ``dictionary``.
+
+        Args:
+            role: The role the rows serve.
+            dictionary: The shared atoms.
+            coefficients: This layer's mixing weights, shape ``(S,)``.
+            residual: Optional low-rank correction ``(up, down)`` of this layer,
+                shapes ``(rows, r)`` and ``(r, in_features)``.
+        """
         if dictionary.in_features != self.in_features:
             raise ValueError(
                 f"dictionary for role {role!r} has in_features "
@@ -149,10 +167,33 @@ class SharedProjection(nn.Module):
                 f"coefficients for role {role!r} must have shape "
                 f"({dictionary.num_atoms},), got {tuple(coefficients.shape)}."
             )
+        if residual is not None:
+            self._check_residual(role, dictionary, *residual)
         self._check_new_part(role)
         self.coefficients[role] = nn.Parameter(coefficients)
+        if residual is not None:
+            self.residual_up[role] = nn.Parameter(residual[0])
+            self.residual_down[role] = nn.Parameter(residual[1])
         self._dictionaries[role] = dictionary
         self.parts.append(role)
+
+    def _check_residual(
+        self, role: str, dictionary: AtomDictionary, up: Tensor, down: Tensor
+    ) -> None:
+        rank = down.shape[0] if down.dim() == 2 else -1
+        expected = ((dictionary.out_features, rank), (rank, self.in_features))
+        if up.dim() != 2 or (tuple(up.shape), tuple(down.shape)) != expected:
+            raise ValueError(
+                f"residual for role {role!r} must be (up, down) of shapes "
+                f"({dictionary.out_features}, r) and (r, {self.in_features}), got "
+                f"{tuple(up.shape)} and {tuple(down.shape)}."
+            )
+
+    def residual_rank(self, role: str) -> int:
+        """Rank of the low-rank residual of a shared part (0 without one)."""
+        if role not in self.residual_down:
+            return 0
+        return self.residual_down[role].shape[0]
 
     def add_dense(self, name: str, weight: Tensor) -> None:
         """Append rows that stay an ordinary weight, shape ``(rows, in_features)``."""
@@ -183,7 +224,11 @@ class SharedProjection(nn.Module):
         """The rows of one part, composed if shared, shape ``(rows, in)``."""
         if name in self.dense:
             return self.dense[name]
-        return self._dictionaries[name].compose(self.coefficients[name])
+        rows = self._dictionaries[name].compose(self.coefficients[name])
+        if name in self.residual_down:
+            up, down = self.residual_up[name], self.residual_down[name]
+            rows = torch.addmm(rows, up.to(rows.dtype), down.to(rows.dtype))
+        return rows
 
     #: Keep the composed weight between reads while no gradient is recorded
     #: (eval, ``torch.no_grad``). Off by default: the cache holds one dense weight
@@ -222,6 +267,8 @@ class SharedProjection(nn.Module):
                 tensors.append(self.dense[name])
             else:
                 tensors += [self._dictionaries[name].atoms, self.coefficients[name]]
+            if name in self.residual_down:
+                tensors += [self.residual_up[name], self.residual_down[name]]
         return tensors
 
     @weight.setter
@@ -241,7 +288,10 @@ class SharedProjection(nn.Module):
             if name in self.dense:
                 parts.append(f"{name}:dense")
             else:
-                parts.append(f"{name}:{self._dictionaries[name].num_atoms} atoms")
+                atoms = self._dictionaries[name].num_atoms
+                rank = self.residual_rank(name)
+                extra = f" + rank {rank}" if rank else ""
+                parts.append(f"{name}:{atoms} atoms{extra}")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"parts=[{', '.join(parts)}], bias={self.bias is not None}"

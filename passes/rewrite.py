@@ -87,11 +87,13 @@ class PartPlan:
         name: The role of a shared part, or the name of a dense part.
         rows: Rows of the ``(out, in)`` weight the part holds.
         dictionary: Store key of the dictionary a shared part reads; None if dense.
+        rank: Rank of a shared part's own low-rank residual (0: none).
     """
 
     name: str
     rows: int
     dictionary: str | None = None
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -259,9 +261,18 @@ def _build(
         if start > position:
             _add_dense(new, module, projection, f"rows{position}", position, start)
         if (group, role) in fits:
-            coefficients = fits[group, role].coefficients[layer].clone()
-            new.add_shared(role, store[store_key(group, role)], coefficients)
-            new.coefficients[role].requires_grad_(trainable)
+            fit = fits[group, role]
+            coefficients = fit.coefficients[layer].clone()
+            residual = None
+            if fit.residual_down is not None:
+                residual = (
+                    fit.residual_up[layer].clone(),
+                    fit.residual_down[layer].clone(),
+                )
+            new.add_shared(role, store[store_key(group, role)], coefficients, residual)
+            for params in (new.coefficients, new.residual_up, new.residual_down):
+                if role in params:
+                    params[role].requires_grad_(trainable)
         else:
             _add_dense(new, module, projection, role, start, stop)
         position = stop
@@ -508,7 +519,14 @@ def _projection_plan(
                 f"does not register (registered: {sorted(keys.values())}); every "
                 "dictionary must live in the store."
             )
-        parts.append(PartPlan(name, dictionary.out_features, keys[id(dictionary)]))
+        parts.append(
+            PartPlan(
+                name,
+                dictionary.out_features,
+                keys[id(dictionary)],
+                module.residual_rank(name),
+            )
+        )
     return ProjectionPlan(
         target=target,
         layout=layout_of(module),
@@ -613,6 +631,15 @@ def _empty_projection(
             continue
         dictionary = store[part.dictionary]
         coefficients = torch.zeros(dictionary.num_atoms, **zeros)
-        new.add_shared(part.name, dictionary, coefficients)
+        residual = None
+        if part.rank:
+            residual = (
+                torch.zeros(part.rows, part.rank, **zeros),
+                torch.zeros(part.rank, p.in_features, **zeros),
+            )
+        new.add_shared(part.name, dictionary, coefficients, residual)
         new.coefficients[part.name].requires_grad_(weight.requires_grad)
+        if part.rank:
+            new.residual_up[part.name].requires_grad_(weight.requires_grad)
+            new.residual_down[part.name].requires_grad_(weight.requires_grad)
     return layout.install(module, new)

@@ -1,0 +1,362 @@
+"""Calibration: the input statistics ``X^T X`` of every projection, streamed.
+
+A data-aware fit minimises the error of a projection's *outputs*,
+``||(W - W^) X||_F^2 = tr((W - W^) C (W - W^)^T)`` with ``C = X^T X``, so all it
+needs of the data is ``C`` for the input of each projection: an ``(in, in)``
+matrix, summed over every token of every calibration batch, in float64.
+
+:func:`collect_statistics` runs the model on the batches with forward hooks on
+the projections and adds each batch's ``X^T X`` (float32 products of one batch,
+summed in float64). With ``max_bytes`` it bounds what it holds: the projections
+are split into passes whose statistics fit, each pass runs the data once, and
+finished statistics go to ``cache_dir`` (safetensors) and are read back one at a
+time by the :class:`Calibration` that is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from masasurgery.errors import ConfigError, ModelRunError
+from masasurgery.passes.capture import Inputs
+
+__all__ = ["Calibration", "InputStatistics", "collect_statistics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InputStatistics:
+    """What the data says about one projection's input.
+
+    Attributes:
+        xtx: ``X^T X`` over every calibration token, ``(in, in)``, float64.
+        tokens: How many input rows (tokens, or pixels for a 1x1 convolution)
+            were added up.
+    """
+
+    xtx: Tensor
+    tokens: int
+
+    @property
+    def covariance(self) -> Tensor:
+        """``X^T X / tokens``: the second moment per token (not centred)."""
+        return self.xtx / max(self.tokens, 1)
+
+
+@dataclass
+class Calibration:
+    """The statistics of every calibrated projection, by qualified name.
+
+    Held in memory, or read from ``cache_dir`` one projection at a time when the
+    collection was bounded by ``max_bytes``.
+
+    Attributes:
+        targets: The projections, by qualified module name, in collection order.
+        cache_dir: Where the statistics are kept on disk, or None.
+    """
+
+    targets: list[str]
+    cache_dir: Path | None = None
+    _memory: dict[str, InputStatistics] = field(default_factory=dict, repr=False)
+
+    def __getitem__(self, target: str) -> InputStatistics:
+        if target in self._memory:
+            return self._memory[target]
+        if self.cache_dir is None or target not in self.targets:
+            raise KeyError(
+                f"no calibration statistics for {target!r}; calibrated: "
+                f"{self.targets[:4]}{'...' if len(self.targets) > 4 else ''}"
+            )
+        return _read(self.cache_dir, target)
+
+    def __contains__(self, target: object) -> bool:
+        return target in self.targets
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write every statistic to ``directory`` (one safetensors file each)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for target in self.targets:
+            _write(directory, target, self[target])
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Calibration:
+        """The statistics written by :meth:`save` (read lazily)."""
+        directory = Path(directory)
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise ConfigError(
+                f"{directory} holds no calibration statistics (*.safetensors); "
+                "write them with Calibration.save or collect_statistics(cache_dir=)."
+            )
+        return cls(targets=[f.stem for f in files], cache_dir=directory)
+
+
+def collect_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    targets: Sequence[str] | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
+) -> Calibration:
+    """Add up ``X^T X`` of the input of each projection over the batches.
+
+    Args:
+        model: The original (unconverted) model; it runs in its current mode,
+            under ``torch.no_grad()``.
+        batches: Model inputs, each a tensor, a tuple of positional arguments or
+            a dict of keyword arguments. Iterated once per pass: a list (or a
+            DataLoader) when ``max_bytes`` forces several passes.
+        targets: Qualified names of the projection modules (``nn.Linear``,
+            transformers ``Conv1D``, 1x1 ``nn.Conv2d``, or an
+            ``nn.MultiheadAttention`` for its packed input projection). Default:
+            every projection :func:`masasurgery.analyze` finds on the first batch.
+        cache_dir: Write each projection's statistics there and read them back
+            on demand; required with ``max_bytes``.
+        max_bytes: Most bytes of statistics held at once.
+
+    Returns:
+        The statistics, by target.
+
+    Raises:
+        ConfigError: A target is not a projection, ``max_bytes`` is too small for
+            one target or given without ``cache_dir``, or there are no batches.
+        ModelRunError: The model fails on a batch.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32,
+        ...                       patch_size=8).eval()
+        >>> calibration = collect_statistics(m, [torch.randn(2, 3, 32, 32)])
+        >>> stats = calibration["blocks.0.attn.qkv"]
+        >>> stats.xtx.shape, stats.xtx.dtype, stats.tokens
+        (torch.Size([192, 192]), torch.float64, 34)
+    """
+    # Targets and their modules, then the passes that fit the memory bound
+    batches = _replayable(batches)
+    targets = _default_targets(model, batches) if targets is None else list(targets)
+    modules = {t: _projection_module(model, t) for t in targets}
+    passes = _plan_passes(modules, max_bytes, cache_dir)
+    if len(passes) > 1 and isinstance(batches, _OnePass):
+        raise ConfigError(
+            f"max_bytes={max_bytes} needs {len(passes)} passes over the data, but "
+            "batches is a one-shot iterator; pass a list or a DataLoader."
+        )
+    directory = None if cache_dir is None else Path(cache_dir)
+
+    # One run over the data per pass
+    calibration = Calibration(targets=list(targets), cache_dir=directory)
+    for chunk in passes:
+        stats = _run_pass(model, batches, {t: modules[t] for t in chunk})
+        for target, stat in stats.items():
+            if directory is None:
+                calibration._memory[target] = stat
+            else:
+                _write(directory, target, stat)
+        logger.debug("calibrated %d projections in one pass", len(chunk))
+    return calibration
+
+
+class _OnePass:
+    """A one-shot iterator whose first item can be read ahead."""
+
+    def __init__(self, iterator: Iterator[Any]) -> None:
+        self._ahead: list[Any] = []
+        self._iterator = iterator
+
+    def peek(self) -> Any | None:
+        if not self._ahead:
+            self._ahead = [next(self._iterator, None)]
+        return self._ahead[0]
+
+    def __iter__(self) -> Iterator[Any]:
+        ahead, self._ahead = self._ahead, []
+        for item in ahead:
+            if item is not None:
+                yield item
+        yield from self._iterator
+
+
+def _replayable(batches: Iterable[Any]) -> Iterable[Any]:
+    if iter(batches) is batches:
+        return _OnePass(iter(batches))
+    return batches
+
+
+def _default_targets(model: nn.Module, batches: Iterable[Any]) -> list[str]:
+    from masasurgery.analyze import analyze
+
+    if isinstance(batches, _OnePass):
+        first = batches.peek()
+    else:
+        first = next(iter(batches), None)
+    if first is None:
+        raise ConfigError("collect_statistics needs at least one batch, got none.")
+    analysis = analyze(model, first)
+    return [
+        p.target
+        for group in analysis.groups
+        for site in group.sites
+        for p in site.projections
+    ]
+
+
+def _projection_module(model: nn.Module, target: str) -> nn.Module:
+    try:
+        module = model.get_submodule(target)
+    except AttributeError as e:
+        raise ConfigError(
+            f"{type(model).__name__} has no module {target!r} to calibrate."
+        ) from e
+    if _in_features(module) is None:
+        raise ConfigError(
+            f"{target!r} is a {type(module).__name__}; calibration reads the input "
+            "of nn.Linear, Conv1D, 1x1 nn.Conv2d or nn.MultiheadAttention modules."
+        )
+    return module
+
+
+def _in_features(module: nn.Module) -> int | None:
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+        return module.in_channels
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 projection
+        return module.weight.shape[0]
+    return None
+
+
+def _plan_passes(
+    modules: dict[str, nn.Module],
+    max_bytes: int | None,
+    cache_dir: str | os.PathLike | None,
+) -> list[list[str]]:
+    if max_bytes is None:
+        return [list(modules)]
+    if cache_dir is None:
+        raise ConfigError(
+            "max_bytes bounds the statistics held in memory, so finished ones must "
+            "go to disk: pass cache_dir= as well."
+        )
+
+    # Greedy: fill each pass up to the bound, in module order
+    passes: list[list[str]] = [[]]
+    used = 0
+    for target, module in modules.items():
+        size = _in_features(module) ** 2 * 8
+        if size > max_bytes:
+            raise ConfigError(
+                f"the statistics of {target!r} take {size} bytes, more than "
+                f"max_bytes={max_bytes}; raise max_bytes to at least {size}."
+            )
+        if used + size > max_bytes:
+            passes.append([])
+            used = 0
+        passes[-1].append(target)
+        used += size
+    return passes
+
+
+def _run_pass(
+    model: nn.Module, batches: Iterable[Any], modules: dict[str, nn.Module]
+) -> dict[str, InputStatistics]:
+    stats = {
+        t: InputStatistics(_zeros(_in_features(m), m), 0) for t, m in modules.items()
+    }
+
+    def make_hook(target: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            rows = _input_rows(module, args, kwargs)  # (tokens, in)
+            product = rows.T.float() @ rows.float()
+            stats[target].xtx += product.double()
+            stats[target].tokens += rows.shape[0]
+
+        return hook
+
+    handles = [
+        m.register_forward_pre_hook(make_hook(t), with_kwargs=True)
+        for t, m in modules.items()
+    ]
+    try:
+        count = _run_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if count == 0:
+        raise ConfigError("collect_statistics needs at least one batch, got none.")
+    return stats
+
+
+def _zeros(size: int, module: nn.Module) -> Tensor:
+    device = next(module.parameters()).device
+    return torch.zeros(size, size, dtype=torch.float64, device=device)
+
+
+def _input_rows(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
+    """The projection's input as ``(tokens, in)`` rows."""
+    x = args[0] if args else kwargs.get("query", kwargs.get("input"))
+    if isinstance(module, nn.MultiheadAttention):
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        if key is not None and key is not x:
+            raise NotImplementedError(
+                "calibrating nn.MultiheadAttention with a key different from the "
+                "query (cross-attention) is not supported; its q and k/v rows read "
+                "different inputs."
+            )
+    if isinstance(module, nn.Conv2d):
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
+    count = 0
+    with torch.no_grad():
+        for batch in _as_inputs(batches):
+            try:
+                model(*batch.args, **batch.kwargs)
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise ModelRunError(
+                    f"{type(model).__name__} failed on calibration batch {count}: {e}"
+                ) from e
+            count += 1
+    return count
+
+
+def _as_inputs(batches: Iterable[Any]) -> Iterator[Inputs]:
+    for batch in batches:
+        yield Inputs.of(batch)
+
+
+def _file(directory: Path, target: str) -> Path:
+    return directory / f"{target}.safetensors"
+
+
+def _write(directory: Path, target: str, stat: InputStatistics) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokens = torch.tensor([stat.tokens], dtype=torch.int64)
+    save_file(
+        {"xtx": stat.xtx.contiguous().cpu(), "tokens": tokens},
+        _file(directory, target),
+    )
+
+
+def _read(directory: Path, target: str) -> InputStatistics:
+    from safetensors.torch import load_file
+
+    data = load_file(_file(directory, target))
+    return InputStatistics(xtx=data["xtx"], tokens=int(data["tokens"].item()))

@@ -1,0 +1,483 @@
+"""Compress: calibrated MASA under a parameter budget.
+
+:func:`convert` shares every role with the same number of atoms, fitted to the
+weights. :func:`compress` spends a budget where the data says it matters:
+
+1. **calibrate**: ``X^T X`` of every projection's input (:mod:`.calibrate`);
+2. **group**: keep the structural groups, or cut them into runs of consecutive
+   blocks (:mod:`.grouping`);
+3. **tabulate**: the output error of every ``(atoms, residual rank)`` choice of
+   every dictionary (:func:`.fit_data.error_table`);
+4. **allocate**: one choice per dictionary, least total error within the budget
+   (:func:`.budget.solve_budget`);
+5. **fit**: shared atoms in the output metric and per-layer whitened low-rank
+   residuals (:func:`.fit_data.fit_calibrated`);
+6. **rewrite** and **verify**, as :func:`convert` does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from masasurgery.analyze import Analysis, analyze
+from masasurgery.budget import Allocation, Choice, solve_budget
+from masasurgery.calibrate import Calibration, collect_statistics
+from masasurgery.config import ROLES, MasaConfig
+from masasurgery.convert import (
+    Conversion,
+    _check_convertible,
+    _check_model,
+    apply_fits,
+    finish,
+    role_weights,
+)
+from masasurgery.errors import ConfigError
+from masasurgery.fit import MatrixPCA
+from masasurgery.fit_data import ErrorTable, error_table, fit_calibrated
+from masasurgery.grouping import (
+    block_divergences,
+    regroup,
+    segment_by_divergence,
+)
+from masasurgery.inputs import resolve_inputs
+from masasurgery.passes.capture import Inputs
+from masasurgery.passes.group import Group
+from masasurgery.report import format_table
+
+__all__ = ["Compression", "CompressionPlan", "compress", "prepare_compression"]
+
+logger = logging.getLogger(__name__)
+
+GROUPINGS = ("structure", "divergence")
+
+
+@dataclass
+class Compression:
+    """What :func:`compress` chose, and what it cost to choose.
+
+    Attributes:
+        target: The budget as the user gave it (``"ratio=0.3"``).
+        allocation: Atoms and residual rank of every dictionary, with the
+            predicted output error of each.
+        grouping: ``"structure"`` or ``"divergence"``.
+        runs: The blocks of each group after grouping.
+        seconds: Time of each step.
+    """
+
+    target: str
+    allocation: Allocation
+    grouping: str
+    runs: list[list[str]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        rows = [
+            [g, role, c.atoms, c.rank, f"{1 - c.parameters / c.dense_parameters:.1%}"]
+            + [f"{c.error:.4f}"]
+            for (g, role), c in sorted(self.allocation.choices.items())
+        ]
+        a = self.allocation
+        return "\n".join(
+            [
+                f"Budget {self.target}: {a.parameters:,} of {a.dense_parameters:,} "
+                f"parameters ({a.compression:.1%} removed), grouping "
+                f"{self.grouping}, {len(self.runs)} groups",
+                "",
+                format_table(
+                    ["group", "role", "atoms", "rank", "removed", "output error"],
+                    rows,
+                ),
+            ]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON."""
+        return {
+            "target": self.target,
+            "grouping": self.grouping,
+            "runs": self.runs,
+            "parameters": self.allocation.parameters,
+            "dense_parameters": self.allocation.dense_parameters,
+            "compression": self.allocation.compression,
+            "choices": [
+                {"group": g, "role": role} | vars(c)
+                for (g, role), c in sorted(self.allocation.choices.items())
+            ],
+            "seconds": self.seconds,
+        }
+
+
+@dataclass
+class CompressionPlan:
+    """Everything :func:`compress` needs before a budget: reusable across budgets.
+
+    Built once by :func:`prepare_compression` on the original model; each call
+    of ``compress(copy, plan, ratio=...)`` then only allocates, fits and
+    rewrites (the copy must have the original's module names and weights).
+
+    Attributes:
+        analysis: The analysis, with the groups after grouping.
+        statistics: The input statistics of every projection.
+        tables: The error table of every ``(group, role)``.
+        grouping: How the groups were cut.
+        inputs: The example inputs (for capture and verification).
+        seconds: Time of each step.
+    """
+
+    analysis: Analysis
+    statistics: Calibration
+    tables: dict[tuple[int, str], ErrorTable] = field(repr=False)
+    grouping: str
+    inputs: Inputs = field(repr=False)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def prepare_compression(
+    model: nn.Module,
+    calibration: Iterable[Any] | Calibration,
+    *,
+    roles: Sequence[str] = ROLES,
+    residual: bool = True,
+    grouping: str = "structure",
+    runs: int | None = None,
+    example_inputs: Any | None = None,
+) -> CompressionPlan:
+    """Analyse, calibrate, group and tabulate, without changing ``model``.
+
+    Args:
+        model: The original model.
+        calibration: Model inputs to calibrate on, or collected statistics.
+        roles: The roles to share.
+        residual: Tabulate per-layer low-rank residuals too.
+        grouping: ``"structure"`` or ``"divergence"`` (see :func:`compress`).
+        runs: Runs per group for ``"divergence"``.
+        example_inputs: Inputs for capture; default the first calibration batch.
+
+    Returns:
+        The plan; pass it to :func:`compress` in place of the calibration.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32,
+        ...                       patch_size=8).eval()
+        >>> plan = prepare_compression(m, [torch.randn(4, 3, 32, 32)], roles="q")
+        >>> sorted(plan.tables), plan.tables[0, "q"].errors.shape[0]
+        ([(0, 'q')], 3)
+    """
+    # Options and inputs
+    if grouping not in GROUPINGS:
+        raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
+    if not isinstance(calibration, Calibration):
+        calibration = list(calibration)
+    _check_model(model)
+    if example_inputs is None and isinstance(calibration, list) and calibration:
+        example_inputs = calibration[0]
+    inputs = resolve_inputs(model, example_inputs)
+    roles = MasaConfig(atoms=1, roles=tuple(roles)).roles
+
+    # Steps: analyse, calibrate, group, tabulate
+    seconds: dict[str, float] = {}
+    clock = _Clock(seconds)
+    with clock("analyze"):
+        analysis = analyze(model, inputs)
+        _check_convertible(analysis, MasaConfig(atoms=1, roles=roles))
+    with clock("calibrate"):
+        stats = _statistics(model, analysis, calibration)
+    with clock("group"):
+        groups = _group(model, analysis, calibration, grouping, runs)
+        analysis = replace(analysis, groups=groups)
+    with clock("tabulate"):
+        tables = _tables(model, groups, roles, stats, residual)
+    return CompressionPlan(analysis, stats, tables, grouping, inputs, seconds)
+
+
+def compress(
+    model: nn.Module,
+    calibration: Iterable[Any] | Calibration | CompressionPlan,
+    *,
+    ratio: float | None = None,
+    parameters: int | None = None,
+    atoms: int | None = None,
+    roles: Sequence[str] = ROLES,
+    residual: bool = True,
+    grouping: str = "structure",
+    runs: int | None = None,
+    example_inputs: Any | None = None,
+    verify: bool = True,
+    device: torch.device | str | None = None,
+    keep_originals: bool = True,
+) -> Conversion:
+    """Share the attention projections under a budget, fitted to data.
+
+    Give exactly one target: ``ratio`` (share of the shared roles' parameters to
+    remove), ``parameters`` (most parameters their fits may cost), or ``atoms``
+    (atoms per dictionary and no residual: :func:`convert`, fitted to data).
+
+    Args:
+        model: The model to compress, in place.
+        calibration: Model inputs (tensors, tuples or dicts) to calibrate on,
+            statistics already collected, or a :class:`CompressionPlan`.
+        ratio: Target compression of the shared roles, in ``(0, 1)``.
+        parameters: Target parameter count of the shared roles' fits.
+        atoms: Fixed atoms per dictionary instead of a budget.
+        roles: The roles to share; the others stay dense.
+        residual: Allow per-layer low-rank residuals (with a budget).
+        grouping: ``"structure"`` keeps the analysis' groups; ``"divergence"``
+            cuts each into ``runs`` runs where consecutive blocks differ most
+            (:mod:`masasurgery.grouping`).
+        runs: Runs per group for ``"divergence"``; default one per six blocks.
+        example_inputs: Inputs for capture and verification; default the first
+            calibration batch.
+        verify: Check the rewrite; on failure the model is restored.
+        device: Where to verify.
+        keep_originals: Keep the replaced projections in the record.
+
+    Returns:
+        The conversion; ``conversion.compression`` says what was chosen.
+
+    Raises:
+        ConfigError: No target, several, or one out of range; bad ``grouping``.
+        NoAttentionError: No group of repeated attention blocks.
+        VerificationError: The rewrite failed verification; model unchanged.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("vit_tiny_patch16_224", depth=2, img_size=32,
+        ...                       patch_size=8).eval()
+        >>> data = [torch.randn(4, 3, 32, 32)]
+        >>> conversion = compress(m, data, ratio=0.5, roles=("q", "k"))
+        >>> conversion.compression.allocation.compression >= 0.5
+        True
+    """
+    # The plan: reused, or made now
+    target = _target(ratio, parameters, atoms)
+    plan = calibration
+    if not isinstance(plan, CompressionPlan):
+        plan = prepare_compression(
+            model,
+            calibration,
+            roles=roles,
+            residual=residual and atoms is None,
+            grouping=grouping,
+            runs=runs,
+            example_inputs=example_inputs,
+        )
+    else:
+        _check_model(model)
+    seconds = dict(plan.seconds)
+    clock = _Clock(seconds)
+
+    # Allocate and fit
+    groups = plan.analysis.groups
+    with clock("allocate"):
+        allocation = _allocate(plan.tables, target)
+    with clock("fit"):
+        fits = _fit(model, groups, plan.statistics, allocation)
+    allocation = _measured(allocation, fits)
+
+    # Rewrite and verify, as convert does
+    most = max(c.atoms for c in allocation.choices.values())
+    shared = tuple(sorted({role for _, role in allocation.choices}, key=ROLES.index))
+    config = MasaConfig(atoms=max(most, 1), roles=shared)
+    conversion = apply_fits(model, plan.analysis, fits, config)
+    conversion.compression = Compression(
+        target=target[0],
+        allocation=allocation,
+        grouping=plan.grouping,
+        runs=[g.blocks for g in groups],
+        seconds=seconds,
+    )
+    inputs = plan.inputs if example_inputs is None else example_inputs
+    finish(model, conversion, inputs, verify, device, keep_originals)
+    return conversion
+
+
+class _Clock:
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    def __call__(self, step: str) -> _Clock:
+        self.step = step
+        return self
+
+    def __enter__(self) -> None:
+        self.start = time.perf_counter()
+        logger.info("compress: %s", self.step)
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds[self.step] = time.perf_counter() - self.start
+
+
+def _target(
+    ratio: float | None, parameters: int | None, atoms: int | None
+) -> tuple[str, float | int]:
+    given = {
+        k: v
+        for k, v in {"ratio": ratio, "parameters": parameters, "atoms": atoms}.items()
+        if v is not None
+    }
+    if len(given) != 1:
+        raise ConfigError(
+            f"give exactly one of ratio=, parameters= or atoms=, got {sorted(given)}; "
+            "e.g. ratio=0.3 removes 30% of the shared roles' parameters."
+        )
+    ((name, value),) = given.items()
+    if name == "ratio" and not 0.0 < value < 1.0:
+        raise ConfigError(f"ratio must be in (0, 1), got {value!r}.")
+    if name != "ratio" and (
+        isinstance(value, bool) or int(value) != value or value < 1
+    ):
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+    return f"{name}={value}", value
+
+
+def _statistics(
+    model: nn.Module, analysis: Analysis, calibration: list | Calibration
+) -> Calibration:
+    targets = sorted(
+        {p.target for g in analysis.groups for s in g.sites for p in s.projections}
+    )
+    if isinstance(calibration, Calibration):
+        missing = [t for t in targets if t not in calibration]
+        if missing:
+            raise ConfigError(
+                f"the calibration has no statistics for {len(missing)} projections "
+                f"(first: {missing[0]!r}); collect them on this model."
+            )
+        return calibration
+    if not calibration:
+        raise ConfigError("compress needs calibration batches, got none.")
+    return collect_statistics(model, calibration, targets)
+
+
+def _group(
+    model: nn.Module,
+    analysis: Analysis,
+    calibration: list | Calibration,
+    grouping: str,
+    runs: int | None,
+) -> list[Group]:
+    if grouping == "structure":
+        return list(analysis.groups)
+    if isinstance(calibration, Calibration):
+        raise ConfigError(
+            "grouping='divergence' runs the model on the calibration batches; "
+            "pass the batches rather than collected statistics."
+        )
+    cuts = {}
+    for group in analysis.groups:
+        blocks = [_parent(site.block) for site in group.sites]
+        count = runs or max(1, round(group.num_blocks / 6))
+        count = min(count, group.num_blocks // 2)
+        if count <= 1:
+            continue
+        distances = block_divergences(model, blocks, calibration)
+        cuts[group.index] = segment_by_divergence(distances, count)
+    return regroup(analysis.groups, cuts)
+
+
+def _parent(name: str) -> str:
+    return name.rpartition(".")[0] if "." in name else name
+
+
+def _tables(
+    model: nn.Module,
+    groups: list[Group],
+    roles: Sequence[str],
+    stats: Calibration,
+    residual: bool,
+) -> dict[tuple[int, str], ErrorTable]:
+    tables = {}
+    for group in groups:
+        for role in group.roles:
+            if role not in roles:
+                continue
+            weights, xtx = _role_data(model, group, role, stats)
+            ranks = _rank_grid(*weights[0].shape) if residual else [0]
+            with torch.no_grad():
+                tables[group.index, role] = error_table(
+                    weights, xtx, _atom_grid(len(weights)), ranks
+                )
+    return tables
+
+
+def _role_data(
+    model: nn.Module, group: Group, role: str, stats: Calibration
+) -> tuple[list[Tensor], list[Tensor]]:
+    weights = role_weights(model, group, role)
+    xtx = [stats[site.projection_of(role).target].xtx for site in group.sites]
+    return weights, xtx
+
+
+def _atom_grid(num_layers: int) -> list[int]:
+    # Every count up to 4, then steps of about a quarter more
+    grid, count = {0, num_layers}, 1
+    while count < num_layers:
+        grid.add(count)
+        count = count + 1 if count < 4 else count + max(1, count // 4)
+    return sorted(grid)
+
+
+def _rank_grid(out_features: int, in_features: int) -> list[int]:
+    # Ranks that cost up to about the dense weight, on a geometric-ish grid
+    top = min(out_features, in_features)
+    grid = {0}
+    rank = 1
+    while rank <= top:
+        grid.add(rank)
+        rank = rank * 2 if rank < 8 else rank + max(8, rank // 3)
+    grid.add(top)
+    return sorted(grid)
+
+
+def _allocate(
+    tables: dict[tuple[int, str], ErrorTable], target: tuple[str, float | int]
+) -> Allocation:
+    name, value = target[0].partition("=")[0], target[1]
+    if name == "atoms":
+        choices = {
+            key: Choice(
+                atoms=min(value, t.num_layers),
+                rank=0,
+                parameters=t.parameters(min(value, t.num_layers), 0),
+                dense_parameters=t.dense_parameters,
+                error=float("nan"),
+            )
+            for key, t in tables.items()
+        }
+        return Allocation(choices, sum(c.parameters for c in choices.values()))
+    dense = sum(t.dense_parameters for t in tables.values())
+    budget = int((1.0 - value) * dense) if name == "ratio" else int(value)
+    return solve_budget(tables, budget)
+
+
+def _measured(
+    allocation: Allocation, fits: dict[tuple[int, str], MatrixPCA]
+) -> Allocation:
+    # The fits' own float64 output errors replace the table's estimates
+    choices = {
+        key: replace(c, error=fits[key].layer_errors.square().sum().item())
+        for key, c in allocation.choices.items()
+    }
+    return Allocation(choices, allocation.budget)
+
+
+def _fit(
+    model: nn.Module,
+    groups: list[Group],
+    stats: Calibration,
+    allocation: Allocation,
+) -> dict[tuple[int, str], MatrixPCA]:
+    fits = {}
+    for (g, role), choice in allocation.choices.items():
+        weights, xtx = _role_data(model, groups[g], role, stats)
+        with torch.no_grad():
+            fits[g, role] = fit_calibrated(weights, xtx, choice.atoms, choice.rank)
+    return fits

@@ -1,0 +1,356 @@
+"""Data-aware fitting: shared atoms and per-layer residuals that keep the outputs.
+
+Plain Matrix PCA minimises the weight error ``sum_l ||W_l - W^_l||_F^2``. What a
+model needs kept is each projection's *output* on real inputs,
+``||(W_l - W^_l) X_l||_F^2 = ||(W_l - W^_l) R_l||_F^2`` with ``X_l^T X_l = R_l
+R_l^T`` (:mod:`masasurgery.whiten`). :func:`fit_calibrated` works in that space:
+
+1. **Atoms.** Matrix PCA of the stack ``W_l R / ||W_l R||``, whitened by the
+   factor ``R`` of the layers' mean statistics and normalised so every layer
+   counts alike; the atoms are mapped back by ``R^{-1}``.
+2. **Coefficients.** Each layer's ``S`` coefficients are solved exactly against
+   its own statistics: the ``S x S`` normal equations of
+   ``min_c ||(W_l - sum_s c_s D_s) R_l||``.
+3. **Residual.** What the atoms miss, ``E_l = W_l - W^_l``, gets a rank-``r``
+   correction of its own, the best in the output metric: the truncated SVD of
+   ``E_l R_l``, mapped back by ``R_l^{-1}`` (the SVD-LLM construction, applied
+   to the residual).
+
+:func:`error_table` computes the same fit for many ``(atoms, rank)`` pairs at the
+cost of one (the atoms are nested, the coefficients share one Gram matrix per
+layer, and one SVD per layer and atom count gives every rank), so a budget can
+be spent where it removes the most error (:mod:`masasurgery.budget`).
+
+Everything runs in float64; the atoms, coefficients and residual factors are
+returned in the weights' dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from masasurgery.errors import FitError
+from masasurgery.fit import MatrixPCA, matrix_pca
+from masasurgery.whiten import Whitening, whitening
+
+__all__ = ["ErrorTable", "error_table", "fit_calibrated", "whitened_gram"]
+
+
+@dataclass
+class ErrorTable:
+    """Output error of one role's fit for every ``(atoms, rank)`` pair tried.
+
+    Attributes:
+        atoms: The atom counts tried (0: per-layer low rank alone).
+        ranks: The residual ranks tried (0: atoms alone).
+        errors: ``errors[i, j]``: relative output error, squared, summed over the
+            layers, with ``atoms[i]`` atoms and residual rank ``ranks[j]``.
+            ``sum_l ||(W_l - W^_l) R_l||^2 / ||W_l R_l||^2``; float64.
+        shape: ``(out, in)`` of each layer's weight.
+        num_layers: Layers sharing the dictionary (``L``).
+    """
+
+    atoms: list[int]
+    ranks: list[int]
+    errors: Tensor
+    shape: tuple[int, int]
+    num_layers: int
+
+    def parameters(self, atoms: int, rank: int) -> int:
+        """What ``atoms`` atoms and a rank-``rank`` residual per layer cost."""
+        out_features, in_features = self.shape
+        return (
+            atoms * out_features * in_features
+            + self.num_layers * atoms
+            + self.num_layers * rank * (out_features + in_features)
+        )
+
+    @property
+    def dense_parameters(self) -> int:
+        """What the ``L`` dense weights cost."""
+        return self.num_layers * self.shape[0] * self.shape[1]
+
+
+def fit_calibrated(
+    weights: Sequence[Tensor],
+    statistics: Sequence[Tensor],
+    atoms: int,
+    rank: int = 0,
+    *,
+    shared_metric: str = "output",
+    weighting: str = "energy",
+) -> MatrixPCA:
+    """Fit shared atoms and per-layer residuals in the output metric.
+
+    Args:
+        weights: The ``L`` layer weights of one role, each ``(out, in)``.
+        statistics: Each layer's input ``X^T X``, ``(in, in)``
+            (:func:`masasurgery.calibrate.collect_statistics`).
+        atoms: Shared atoms, at most ``L``; 0 keeps only the residuals (per-layer
+            low rank).
+        rank: Rank of each layer's residual; 0 for none.
+        shared_metric: ``"output"`` (steps 1-2 above) or ``"weight"``: plain
+            Matrix PCA atoms and coefficients (the paper's pipeline), with the
+            residual still fitted in the output metric.
+        weighting: How layers count in the shared fit: ``"energy"`` (by their
+            output energy, so ``sum_l ||(W_l - W^_l) X_l||^2`` is minimised) or
+            ``"layer"`` (each layer's relative error alike).
+
+    Returns:
+        The fit; ``layer_errors`` are relative *output* errors
+        ``||(W_l - W^_l) R_l|| / ||W_l R_l||``, and ``eigenvalues`` the spectrum
+        of the whitened, normalised stack.
+
+    Raises:
+        FitError: Shapes disagree, or ``atoms``/``rank`` are out of range.
+
+    Example:
+        >>> ws = [torch.randn(8, 6) for _ in range(4)]
+        >>> xs = [torch.randn(50, 6) for _ in range(4)]
+        >>> fit = fit_calibrated(ws, [x.T @ x for x in xs], atoms=2, rank=1)
+        >>> fit.atoms.shape, fit.residual_up.shape, fit.residual_down.shape
+        (torch.Size([2, 8, 6]), torch.Size([4, 8, 1]), torch.Size([4, 1, 6]))
+    """
+    # Whitening of every layer and of their mean
+    dtype, num_layers = _check(weights, statistics, atoms, rank)
+    layers = [whitening(c, name=f"layer {i}") for i, c in enumerate(statistics)]
+    if atoms == num_layers and rank == 0:
+        # Lossless: the weights themselves are the atoms, exactly
+        return matrix_pca(weights, atoms)
+
+    # Atoms, then each layer's coefficients and residual
+    if shared_metric not in ("output", "weight"):
+        raise FitError(
+            f"shared_metric must be 'output' or 'weight', got {shared_metric!r}."
+        )
+    plain = None
+    if shared_metric == "weight" and atoms:
+        plain = matrix_pca([w.double() for w in weights], atoms)
+        basis = _Basis(plain.atoms, plain.eigenvalues)
+    else:
+        counts = _layer_weights(weights, layers, weighting)
+        basis = _whitened_atoms(weights, statistics, atoms, counts)
+    coefficients, ups, downs, errors = [], [], [], []
+    for index, (weight, layer) in enumerate(zip(weights, layers, strict=True)):
+        target = layer.apply(weight)  # (out, in), whitened
+        mixed = _mix(basis.atoms, layer)  # (S, out * in)
+        if plain is not None:
+            c = plain.coefficients[index]
+        else:
+            c = _solve_coefficients(mixed, target.reshape(-1))
+        left = target - (c @ mixed).reshape(target.shape)
+        up, down, missed = _residual(left, layer, rank)
+        coefficients.append(c)
+        ups.append(up)
+        downs.append(down)
+        errors.append((missed / target.square().sum().clamp_min(1e-300)).sqrt())
+
+    return MatrixPCA(
+        atoms=basis.atoms.to(dtype),
+        coefficients=torch.stack(coefficients).to(dtype),
+        eigenvalues=basis.eigenvalues,
+        layer_errors=torch.stack(errors),
+        requested_atoms=atoms,
+        residual_up=torch.stack(ups).to(dtype) if rank else None,
+        residual_down=torch.stack(downs).to(dtype) if rank else None,
+    )
+
+
+def error_table(
+    weights: Sequence[Tensor],
+    statistics: Sequence[Tensor],
+    atoms: Sequence[int],
+    ranks: Sequence[int],
+    *,
+    weighting: str = "energy",
+) -> ErrorTable:
+    """The output error of :func:`fit_calibrated` for every ``(atoms, rank)``.
+
+    Args:
+        weights: The ``L`` layer weights of one role, each ``(out, in)``.
+        statistics: Each layer's input ``X^T X``.
+        atoms: Atom counts to try, each in ``0..L``.
+        ranks: Residual ranks to try, each in ``0..min(out, in)``.
+        weighting: As in :func:`fit_calibrated`; with ``"energy"`` each layer's
+            squared relative error counts in proportion to its output energy
+            (the weights average 1, so the table stays on the same scale).
+
+    Returns:
+        The table of errors (squared relative output errors summed over layers).
+
+    Example:
+        >>> ws = [torch.randn(8, 6) for _ in range(4)]
+        >>> xs = [torch.randn(50, 6) for _ in range(4)]
+        >>> table = error_table(ws, [x.T @ x for x in xs], [0, 2, 4], [0, 3, 6])
+        >>> table.errors.shape, round(table.errors[0, 0].item(), 6)
+        (torch.Size([3, 3]), 4.0)
+        >>> bool(table.errors[2, 0] < 1e-12) and bool(table.errors[0, 2] < 1e-12)
+        True
+    """
+    _check(weights, statistics, max(atoms), max(ranks))
+    layers = [whitening(c, name=f"layer {i}") for i, c in enumerate(statistics)]
+    counts = _layer_weights(weights, layers, weighting)
+    most = max(atoms)
+    basis = _whitened_atoms(weights, statistics, most, counts) if most else None
+
+    # One Gram matrix per layer; every atom count is a leading block of it
+    errors = torch.zeros(len(atoms), len(ranks), dtype=torch.float64)
+    for index, (weight, layer) in enumerate(zip(weights, layers, strict=True)):
+        # float32 products: the table ranks choices, the fit itself is float64
+        target = layer.apply(weight).float()
+        norm = target.double().square().sum().clamp_min(1e-300)
+        if counts is not None:
+            norm = norm / counts[index]
+        mixed = None
+        if basis is not None:
+            mixed = (basis.atoms.float() @ layer.factor.float()).flatten(1)
+        for i, count in enumerate(atoms):
+            left = target
+            if count:
+                c = _solve_coefficients(mixed[:count].double(), target.reshape(-1))
+                left = target - (c.float() @ mixed[:count]).reshape(target.shape)
+            spectrum = torch.linalg.svdvals(left).double().square()
+            tail = spectrum.flip(0).cumsum(0).flip(0)  # tail[r] = sum_{i>=r}
+            for j, rank in enumerate(ranks):
+                missed = tail[rank] if rank < tail.numel() else tail.new_zeros(())
+                errors[i, j] += missed / norm
+    return ErrorTable(
+        atoms=list(atoms),
+        ranks=list(ranks),
+        errors=errors,
+        shape=tuple(weights[0].shape),
+        num_layers=len(weights),
+    )
+
+
+def whitened_gram(weights: Sequence[Tensor], statistics: Sequence[Tensor]) -> Tensor:
+    """``G[i, j] = <W_i R, W_j R>`` of the normalised, whitened stack, float64.
+
+    The diagonal is 1: the top eigenvalues of any principal block ``G[a:b, a:b]``
+    are the share of those layers' output energy that shared atoms keep, which
+    is how :mod:`masasurgery.grouping` compares ways to cut a stack into groups.
+
+    Example:
+        >>> ws = [torch.randn(8, 6) for _ in range(3)]
+        >>> gram = whitened_gram(ws, [torch.eye(6)] * 3)
+        >>> gram.shape, torch.allclose(gram.diagonal(), torch.ones(3).double())
+        (torch.Size([3, 3]), True)
+    """
+    _check(weights, statistics, 0, 0)
+    flats = torch.stack([w.reshape(-1) for w in _normalised_stack(weights, statistics)])
+    return flats @ flats.T
+
+
+@dataclass
+class _Basis:
+    atoms: Tensor  # (S, out, in), float64, unwhitened
+    eigenvalues: Tensor
+
+
+def _whitened_atoms(
+    weights: Sequence[Tensor],
+    statistics: Sequence[Tensor],
+    atoms: int,
+    layer_weights: Tensor | None = None,
+) -> _Basis:
+    """Matrix PCA of the normalised stack, whitened by the mean statistics."""
+    mean = _mean_whitening(statistics)
+    stack = _normalised_stack(weights, statistics, mean)
+    if layer_weights is not None:
+        stack = [w * s.sqrt() for w, s in zip(stack, layer_weights, strict=True)]
+    if atoms == 0:
+        empty = torch.zeros(0, *weights[0].shape, dtype=torch.float64)
+        return _Basis(empty, matrix_pca(stack, 1).eigenvalues)
+    fit = matrix_pca(stack, atoms)
+    back = torch.stack([mean.unapply(a) for a in fit.atoms])
+    return _Basis(atoms=back, eigenvalues=fit.eigenvalues)
+
+
+def _layer_weights(
+    weights: Sequence[Tensor], layers: Sequence[Whitening], weighting: str
+) -> Tensor | None:
+    """How much each layer's relative error counts: 1, or its output energy."""
+    if weighting == "layer":
+        return None
+    if weighting != "energy":
+        raise FitError(f"weighting must be 'layer' or 'energy', got {weighting!r}.")
+    energy = torch.stack(
+        [w.apply(x).square().sum() for x, w in zip(weights, layers, strict=True)]
+    )
+    return energy / energy.mean().clamp_min(1e-300)
+
+
+def _mean_whitening(statistics: Sequence[Tensor]) -> Whitening:
+    # Mean of the per-layer statistics, each scaled to unit mean diagonal
+    scaled = [
+        c.double() / c.double().diagonal().mean().clamp_min(1e-300) for c in statistics
+    ]
+    return whitening(sum(scaled) / len(scaled), name="the layers' mean input")
+
+
+def _normalised_stack(
+    weights: Sequence[Tensor],
+    statistics: Sequence[Tensor],
+    mean: Whitening | None = None,
+) -> list[Tensor]:
+    """Every layer whitened by the mean statistics and scaled to unit norm."""
+    mean = _mean_whitening(statistics) if mean is None else mean
+    stack = []
+    for weight in weights:
+        whitened = mean.apply(weight)
+        stack.append(whitened / whitened.norm().clamp_min(1e-300))
+    return stack
+
+
+def _mix(atoms: Tensor, layer: Whitening) -> Tensor:
+    """Each atom whitened by one layer's factor, flattened: ``(S, out * in)``."""
+    count, out_features, in_features = atoms.shape
+    return (atoms @ layer.factor).reshape(count, out_features * in_features)
+
+
+def _solve_coefficients(mixed: Tensor, target: Tensor) -> Tensor:
+    """Least squares ``min_c ||c @ mixed - target||``, safe for dependent atoms."""
+    if mixed.shape[0] == 0:
+        return mixed.new_zeros(0)
+    gram = mixed @ mixed.T
+    rhs = mixed @ target.to(mixed.dtype)
+    return torch.linalg.lstsq(gram, rhs.unsqueeze(1), driver="gelsd").solution[:, 0]
+
+
+def _residual(
+    left: Tensor, layer: Whitening, rank: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Rank-``rank`` factors of the whitened residual, and the energy it misses."""
+    u, s, vh = torch.linalg.svd(left, full_matrices=False)
+    missed = s[rank:].square().sum()
+    up = u[:, :rank] * s[:rank]  # (out, r)
+    down = layer.unapply(vh[:rank])  # (r, in)
+    return up, down, missed
+
+
+def _check(
+    weights: Sequence[Tensor], statistics: Sequence[Tensor], atoms: int, rank: int
+) -> tuple[torch.dtype, int]:
+    if not weights or len(weights) != len(statistics):
+        raise FitError(
+            f"need one X^T X per weight, got {len(weights)} weights and "
+            f"{len(statistics)} statistics."
+        )
+    out_features, in_features = weights[0].shape
+    for i, (w, c) in enumerate(zip(weights, statistics, strict=True)):
+        if w.shape != weights[0].shape or c.shape != (in_features, in_features):
+            raise FitError(
+                f"layer {i}: weight {tuple(w.shape)} and X^T X {tuple(c.shape)} do "
+                f"not match layer 0's weight {tuple(weights[0].shape)}."
+            )
+    if not 0 <= atoms <= len(weights):
+        raise FitError(f"atoms must be in 0..{len(weights)} (L), got {atoms}.")
+    if not 0 <= rank <= min(out_features, in_features):
+        raise FitError(
+            f"rank must be in 0..{min(out_features, in_features)}, got {rank}."
+        )
+    return weights[0].dtype, len(weights)
