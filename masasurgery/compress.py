@@ -148,6 +148,7 @@ def prepare_compression(
     grouping: str = "structure",
     runs: int | None = None,
     example_inputs: Any | None = None,
+    statistics: Calibration | None = None,
 ) -> CompressionPlan:
     """Analyse, calibrate, group and tabulate, without changing ``model``.
 
@@ -159,6 +160,9 @@ def prepare_compression(
         grouping: ``"structure"`` or ``"divergence"`` (see :func:`compress`).
         runs: Runs per group for ``"divergence"``.
         example_inputs: Inputs for capture; default the first calibration batch.
+        statistics: Statistics already collected on ``model`` (e.g. a
+            :meth:`Calibration.load`), used instead of collecting them again
+            while the batches still serve ``grouping="divergence"``.
 
     Returns:
         The plan; pass it to :func:`compress` in place of the calibration.
@@ -189,7 +193,8 @@ def prepare_compression(
         analysis = analyze(model, inputs)
         _check_convertible(analysis, MasaConfig(atoms=1, roles=roles))
     with clock("calibrate"):
-        stats = _statistics(model, analysis, calibration)
+        given = calibration if statistics is None else statistics
+        stats = _statistics(model, analysis, given)
     with clock("group"):
         groups = _group(model, analysis, calibration, grouping, runs)
         analysis = replace(analysis, groups=groups)
@@ -426,15 +431,10 @@ def _atom_grid(num_layers: int) -> list[int]:
 
 
 def _rank_grid(out_features: int, in_features: int) -> list[int]:
-    # Ranks that cost up to about the dense weight, on a geometric-ish grid
+    # Every rank up to 8, then steps of 4: one SVD per layer prices them all,
+    # and a fine grid lets the solver spend the budget to the last few rows
     top = min(out_features, in_features)
-    grid = {0}
-    rank = 1
-    while rank <= top:
-        grid.add(rank)
-        rank = rank * 2 if rank < 8 else rank + max(8, rank // 3)
-    grid.add(top)
-    return sorted(grid)
+    return sorted({*range(min(top, 8) + 1), *range(8, top + 1, 4), top})
 
 
 def _allocate(

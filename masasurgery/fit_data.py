@@ -199,6 +199,7 @@ def error_table(
 
     # One Gram matrix per layer; every atom count is a leading block of it
     errors = torch.zeros(len(atoms), len(ranks), dtype=torch.float64)
+    rank_index = torch.tensor(list(ranks), dtype=torch.long)
     for index, (weight, layer) in enumerate(zip(weights, layers, strict=True)):
         # float32 products: the table ranks choices, the fit itself is float64
         target = layer.apply(weight).float()
@@ -215,9 +216,8 @@ def error_table(
                 left = target - (c.float() @ mixed[:count]).reshape(target.shape)
             spectrum = torch.linalg.svdvals(left).double().square()
             tail = spectrum.flip(0).cumsum(0).flip(0)  # tail[r] = sum_{i>=r}
-            for j, rank in enumerate(ranks):
-                missed = tail[rank] if rank < tail.numel() else tail.new_zeros(())
-                errors[i, j] += missed / norm
+            tail = torch.cat([tail, tail.new_zeros(1)])
+            errors[i] += tail[rank_index.clamp(max=tail.numel() - 1)] / norm
     return ErrorTable(
         atoms=list(atoms),
         ranks=list(ranks),

@@ -29,13 +29,25 @@ def _output_error(weights, xs, reconstruct):
     ).item()
 
 
+def _output_energy_error(weights, xs, reconstruct):
+    return sum(
+        ((w - reconstruct(i)) @ x.T).square().sum()
+        for i, (w, x) in enumerate(zip(weights, xs, strict=True))
+    ).item()
+
+
 def test_output_metric_beats_weight_metric_at_equal_atoms():
     weights, xs = _problem()
     xtx = [x.T @ x for x in xs]
     plain = matrix_pca(weights, 2)
-    aware = fit_calibrated(weights, xtx, atoms=2)
+    aware = fit_calibrated(weights, xtx, atoms=2, weighting="layer")
     assert _output_error(weights, xs, aware.reconstruct) < 0.8 * _output_error(
         weights, xs, plain.reconstruct
+    )
+    # By energy, the summed absolute output error is what drops
+    energy = fit_calibrated(weights, xtx, atoms=2, weighting="energy")
+    assert _output_energy_error(weights, xs, energy.reconstruct) < (
+        _output_energy_error(weights, xs, plain.reconstruct)
     )
     # layer_errors are the relative output errors
     torch.testing.assert_close(
@@ -91,10 +103,13 @@ def test_weight_metric_keeps_matrix_pca_atoms():
 def test_error_table_agrees_with_the_fits():
     weights, xs = _problem()
     xtx = [x.T @ x for x in xs]
-    table = error_table(weights, xtx, atoms=[0, 1, 3], ranks=[0, 2, 8])
+    # Each layer's relative error counts alike, as in the fits' layer_errors
+    table = error_table(
+        weights, xtx, atoms=[0, 1, 3], ranks=[0, 2, 8], weighting="layer"
+    )
     for i, atoms in enumerate(table.atoms):
         for j, rank in enumerate(table.ranks):
-            fit = fit_calibrated(weights, xtx, atoms, rank)
+            fit = fit_calibrated(weights, xtx, atoms, rank, weighting="layer")
             expected = fit.layer_errors.square().sum().item()
             assert table.errors[i, j].item() == pytest.approx(
                 expected, rel=1e-3, abs=1e-6
