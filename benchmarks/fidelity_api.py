@@ -84,12 +84,15 @@ class CalibrationData:
         reference: The original model. Read it (a teacher, a source of
             weights); never edit it.
         description: What the batches are, for the report.
+        heal_lr: Learning rate of the healing row (AdamW on the shared
+            parameters); DINOv2's features move at a tenth of MiniLM's.
     """
 
     batches: list[Any]
     targets: dict[str, str]
     reference: nn.Module
     description: str
+    heal_lr: float = 1e-4
     _statistics: Calibration | None = field(default=None, repr=False)
     statistics_seconds: float = 0.0
 

@@ -144,6 +144,7 @@ def dinov2_setup(sizes: Sizes) -> ModelSetup:
             reference=model,
             description=f"{len(calibration)} random crops ({size}px) of "
             f"{len(CALIBRATION_PHOTOS)} skimage photos",
+            heal_lr=1e-5,
         ),
         metrics=(
             MetricSpec("cosine", "CLS cosine", higher_is_better=True, digits=4),
