@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from masasurgery._checks import check_module
 from masasurgery._state import preserved
-from masasurgery.errors import CaptureError
+from masasurgery.errors import AlreadyConvertedError, CaptureError
 from masasurgery.inputs import resolve_inputs
+from masasurgery.modules import SharedProjection
 from masasurgery.passes.capture import CAPTURE_PATHS, Capture, Inputs, capture
 from masasurgery.passes.find_attention import (
     AttentionSite,
@@ -103,6 +105,12 @@ def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
     Returns:
         The capture path, the sites, the groups and what was left out.
 
+    Raises:
+        ConfigError: ``model`` is not a ``torch.nn.Module``, or it declares no
+            input size and none was given.
+        AlreadyConvertedError: The model is already converted: its attention
+            reads shared dictionaries now, so there is nothing left to group.
+
     Example:
         >>> import timm
         >>> m = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4)
@@ -110,6 +118,8 @@ def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
         >>> [g.num_blocks for g in analysis.groups]
         [4]
     """
+    check_module(model)
+    _check_not_converted(model)
     inputs = resolve_inputs(model, example_inputs)
     try:
         captured, found = _capture_and_find(model, inputs)
@@ -125,6 +135,18 @@ def analyze(model: nn.Module, example_inputs: Any | None = None) -> Analysis:
         singletons=grouping.singletons,
         skipped=found.skipped,
     )
+
+
+def _check_not_converted(model: nn.Module) -> None:
+    shared = [n for n, m in model.named_modules() if isinstance(m, SharedProjection)]
+    if shared:
+        raise AlreadyConvertedError(
+            f"{type(model).__name__} is already converted: {len(shared)} of its "
+            f"projections are shared (first: {shared[0]!r}), so there are no dense "
+            "attention blocks left to find and group. Analyze the original model, "
+            "or call masasurgery.materialize(model) first to analyze its dense "
+            "weights."
+        )
 
 
 def _capture_and_find(model: nn.Module, inputs: Inputs) -> tuple[Capture, Findings]:

@@ -11,16 +11,21 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from masasurgery.analyze import Analysis, analyze
+from masasurgery._checks import check_module
+from masasurgery._state import preserved
+from masasurgery.analyze import Analysis, analyze, mha_fastpath_off
 from masasurgery.config import ROLES, MasaConfig
 from masasurgery.errors import (
     ConfigError,
     ConversionMismatchError,
+    ModelRunError,
     NoAttentionError,
     VerificationError,
+    sentence,
 )
 from masasurgery.fit import MatrixPCA, matrix_pca
 from masasurgery.inputs import resolve_inputs
+from masasurgery.passes.capture import Inputs
 from masasurgery.passes.group import Group
 from masasurgery.passes.layouts import read_rows
 from masasurgery.passes.rewrite import Rewrite, check_free, restore, rewrite
@@ -142,9 +147,15 @@ class Conversion:
         """Put the original projections back and remove the dictionaries.
 
         Raises:
-            ConversionMismatchError: The originals were released
-                (``keep_originals=False``).
+            ConfigError: ``model`` is not a ``torch.nn.Module``.
+            ConversionMismatchError: The record belongs to another model (or was
+                undone already), or the originals were released
+                (``keep_originals=False``); the model is left as it is.
         """
+        from masasurgery.verify import _check_belongs
+
+        check_module(model)
+        _check_belongs(model, self)
         if self.rewrite.originals_released:
             raise ConversionMismatchError(
                 "this conversion released its original projections "
@@ -280,6 +291,7 @@ def convert(
     inputs = resolve_inputs(model, example_inputs)
     analysis = analyze(model, inputs)
     _check_convertible(analysis, config)
+    _check_runs(model, analysis, inputs)
     fits = _fit_groups(model, analysis.groups, config)
     conversion = apply_fits(model, analysis, fits, config)
     _warn_capped(conversion)
@@ -322,7 +334,9 @@ def finish(
 
 
 def _check_model(model: nn.Module) -> None:
-    """Refuse a converted model, or one without weights, before anything runs."""
+    """Refuse a non-model, a converted model, or one without weights, before
+    anything runs."""
+    check_module(model)
     check_free(model)
     tensors = itertools.chain(model.named_parameters(), model.named_buffers())
     on_meta = [name for name, t in tensors if t.is_meta]
@@ -359,6 +373,24 @@ def _check_convertible(analysis: Analysis, config: MasaConfig) -> None:
         f"with roles {list(config.roles)} to share; found {found}. masasurgery needs "
         "at least two blocks of the same shape. Nothing was changed.\n" + str(analysis)
     )
+
+
+def _check_runs(model: nn.Module, analysis: Analysis, inputs: Inputs) -> None:
+    """Run the original once when no capture path could: a model that fails on
+    the example inputs is reported now, before the rewrite, not while verifying."""
+    if analysis.capture_path != "structure":
+        return
+    with preserved(model), mha_fastpath_off(), torch.no_grad():
+        model.eval()
+        try:
+            inputs.call(model)
+        except Exception as e:
+            raise ModelRunError(
+                f"{type(model).__name__} fails on the example inputs as it is, "
+                f"before any rewriting: {type(e).__name__}: {sentence(e)} Check "
+                "that example_inputs match model.forward (shapes, dtypes, token "
+                "ids within the vocabulary). Nothing was changed."
+            ) from e
 
 
 def _fit_groups(

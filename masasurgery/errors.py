@@ -69,3 +69,17 @@ class VerificationError(MasaError, AssertionError):
 
 class MasaWarning(UserWarning):
     """Something the user should look at; the operation itself went on."""
+
+
+def sentence(text: object) -> str:
+    """``text`` as one sentence: stripped, ending in exactly one full stop.
+
+    For quoting another library's message inside ours, so that ``"... (32)."``
+    followed by ``". Check ..."`` does not read ``"(32).. Check"``.
+
+    Example:
+        >>> sentence("doesn't match model (32)."), sentence("bad shape ")
+        ("doesn't match model (32).", 'bad shape.')
+    """
+    text = str(text).strip()
+    return text if text.endswith((".", "!", "?")) else text + "."

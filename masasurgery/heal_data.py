@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from masasurgery._state import model_device
-from masasurgery.errors import ConfigError, MasaError, ModelRunError
+from masasurgery.errors import ConfigError, MasaError, ModelRunError, sentence
 from masasurgery.inputs import resolve_inputs
 from masasurgery.passes.capture import Inputs
 
@@ -101,7 +101,7 @@ def call(model: nn.Module, inputs: Inputs, who: str) -> Any:
     except Exception as e:
         raise ModelRunError(
             f"the {who} ({type(model).__name__}) failed on a batch: "
-            f"{type(e).__name__}: {e}. Check that the batches match "
+            f"{type(e).__name__}: {sentence(e)} Check that the batches match "
             "model.forward (a tensor, a tuple of positional arguments or a dict "
             "of keyword arguments); the trained parameters were put back."
         ) from e

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from masasurgery._checks import check_module
 from masasurgery.config import ROLES, MasaConfig
 from masasurgery.errors import AlreadyConvertedError, CheckpointError, ConfigError
 from masasurgery.passes.rewrite import (
@@ -155,8 +156,10 @@ def save(
         The checkpoint written: its files, plan and options.
 
     Raises:
-        CheckpointError: The model has tensors on the meta device or state that
-            is not a tensor, or ``conversion`` does not describe this model.
+        ConfigError: ``model`` is not a ``torch.nn.Module``.
+        CheckpointError: ``path`` is a file or cannot be made a folder, the model
+            has tensors on the meta device or state that is not a tensor, or
+            ``conversion`` does not describe this model; nothing was written.
 
     Example:
         >>> import tempfile, timm, masasurgery
@@ -171,6 +174,8 @@ def save(
         (MasaConfig(atoms=1, roles=('q', 'k', 'v', 'o')), 4)
     """
     # The plan and options, read off the model
+    check_module(model)
+    _check_folder(Path(path))
     plan = plan_of(model)
     if conversion is not None:
         _check_conversion(conversion, plan)
@@ -185,7 +190,7 @@ def save(
     )
 
     # Write each file under a temporary name, then move it into place
-    checkpoint.directory.mkdir(parents=True, exist_ok=True)
+    _make_folder(checkpoint.directory)
     metadata = {"format": "pt", "masasurgery_format_version": str(FORMAT_VERSION)}
     _write(
         checkpoint.weights_file,
@@ -222,8 +227,10 @@ def load(model: nn.Module, path: str | os.PathLike) -> Checkpoint:
         The checkpoint read: its plan, options and aliases.
 
     Raises:
-        CheckpointError: The folder is not a readable checkpoint, or it does not
-            match the model; the message names the first mismatching key.
+        ConfigError: ``model`` is not a ``torch.nn.Module``.
+        CheckpointError: The folder is missing or not a readable checkpoint, or
+            it does not match the model; the message names the first mismatching
+            key.
         AlreadyConvertedError: The model is already converted, differently.
 
     Example:
@@ -240,6 +247,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> Checkpoint:
         True
     """
     # Read the files, and build the structure without swapping it in
+    check_module(model)
     checkpoint = read_checkpoint(path)
     tensors = _read_weights(checkpoint)
     done = _prepare(model, checkpoint)
@@ -268,8 +276,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         The plan, options and aliases it holds.
 
     Raises:
-        CheckpointError: No plan file, not JSON, another format, a newer format
-            version, or a malformed plan; the message says which field.
+        CheckpointError: No such folder, no plan file, not JSON, another format,
+            a newer format version, or a malformed plan; the message says which
+            field.
 
     Example:
         >>> import tempfile, timm, masasurgery
@@ -286,6 +295,13 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     # The file, as JSON
     directory = Path(path)
     plan_file = directory / PLAN_FILE
+    if not directory.is_dir():
+        what = "is a file" if directory.exists() else "does not exist"
+        raise CheckpointError(
+            f"checkpoint folder {str(directory)!r} {what}; expected a folder "
+            "written by masasurgery.save (a plan file and model.safetensors). "
+            "Check the path."
+        )
     if not plan_file.is_file():
         raise CheckpointError(
             f"{directory} has no {PLAN_FILE}; expected a folder written by "
@@ -335,6 +351,27 @@ def _check_conversion(conversion: Conversion, plan: RewritePlan) -> None:
                         f"{projection.target}: the analysis found layout "
                         f"{projection.layout!r}, the module says {layout!r}."
                     )
+
+
+def _check_folder(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(
+            f"cannot save to {str(directory)!r}: it is a file, and a checkpoint is "
+            f"a folder ({WEIGHTS_FILE} and {PLAN_FILE}). Pass the path of a new "
+            "or existing folder. Nothing was written."
+        )
+
+
+def _make_folder(directory: Path) -> None:
+    # A file on the way (a/b where a is a file), or no permission
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(
+            f"cannot make the checkpoint folder {str(directory)!r}: "
+            f"{type(e).__name__}: {e.strerror or e}. Pass a folder path that can be "
+            "created. Nothing was written."
+        ) from e
 
 
 def _config_of(plan: RewritePlan) -> MasaConfig | None:
@@ -587,7 +624,9 @@ def _prepare(model: nn.Module, checkpoint: Checkpoint) -> Rewrite | None:
     try:
         return skeleton(model, plan)
     except CheckpointError as e:
-        raise _mismatch(model, checkpoint, str(e).rstrip(".")) from e
+        # The skeleton's own "build the model ..." advice: _mismatch gives it
+        what = str(e).split("; build the model", 1)[0].rstrip(".")
+        raise _mismatch(model, checkpoint, what) from e
 
 
 def _shapes(plan: RewritePlan) -> list[str]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from masasurgery._checks import check_module
 from masasurgery.errors import LayoutError
 from masasurgery.modules import SharedProjection, shallow_copy_as
 from masasurgery.passes.rewrite import (
@@ -137,6 +138,7 @@ def materialize(model: nn.Module) -> Materialized:
         The dense modules put in, by qualified name, and their layouts.
 
     Raises:
+        ConfigError: ``model`` is not a ``torch.nn.Module``.
         LayoutError: A shared projection's layout has no dense builder in
             :data:`DENSE_BUILDERS`; nothing was changed.
 
@@ -153,6 +155,7 @@ def materialize(model: nn.Module) -> Materialized:
         ['blocks.0.attn.proj', 'blocks.0.attn.qkv']
     """
     # Build every dense module before the model changes; outer ones first
+    check_module(model)
     order = _sites(model)
     layouts = [_layout(site) for site in order]
     with torch.no_grad():

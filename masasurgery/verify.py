@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils import _pytree as pytree
 
+from masasurgery._checks import check_module
 from masasurgery._state import (
     cast_floating,
     fused_attn_settings,
@@ -48,6 +49,7 @@ from masasurgery.errors import (
     ConversionMismatchError,
     MasaWarning,
     ModelRunError,
+    sentence,
 )
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.layouts import LAYOUTS
@@ -124,8 +126,9 @@ def verify(
         Both halves of the verification, in figures.
 
     Raises:
-        ConfigError: ``task`` or ``sdpa_backend`` is unknown, or ``task`` names
-            logits the output does not have.
+        ConfigError: ``model`` is not a ``torch.nn.Module``, ``task`` or
+            ``sdpa_backend`` is unknown, or ``task`` names logits the output does
+            not have.
         VerificationError: The runs returned outputs of different structure.
         ConversionMismatchError: The conversion belongs to another model, or
             released its originals.
@@ -146,6 +149,7 @@ def verify(
         True
     """
     # Options first, so that a bad one fails before anything moves
+    check_module(model)
     _check_belongs(model, conversion)
     if conversion.rewrite.originals_released:
         raise ConversionMismatchError(
@@ -479,9 +483,9 @@ def _run(model: nn.Module, inputs: Inputs) -> RunOutput:
         except Exception as e:
             raise ModelRunError(
                 f"{type(model).__name__} failed on the example inputs while "
-                f"verifying: {type(e).__name__}: {e}. Check that example_inputs "
-                "match model.forward (shapes, dtypes, token ids within the "
-                "vocabulary); the model was restored as it was."
+                f"verifying: {type(e).__name__}: {sentence(e)} Check that "
+                "example_inputs match model.forward (shapes, dtypes, token ids "
+                "within the vocabulary); the model was restored as it was."
             ) from e
         return RunOutput.of(output)
 

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 from conftest import image_batch, tiny_vit
 from custom_models import HalfHidden, SeparateQKV, Stack
@@ -36,3 +37,19 @@ def test_singletons_are_listed_as_left_alone():
 def test_attention_hidden_in_fx_leaves_is_found_by_export():
     analysis = masasurgery.analyze(HalfHidden().eval(), torch.randn(1, 5, 32))
     assert analysis.capture_path == "export" and len(analysis.sites) == 4
+
+
+def test_a_name_or_none_is_not_a_model():
+    with pytest.raises(masasurgery.ConfigError, match="got str 'vit'; build the"):
+        masasurgery.analyze("vit", image_batch())
+    with pytest.raises(masasurgery.ConfigError, match="expected a torch.nn.Module"):
+        masasurgery.analyze(None)
+
+
+def test_a_converted_model_is_refused_as_such():
+    model = tiny_vit(depth=3)
+    masasurgery.convert(model, atoms=1, example_inputs=image_batch(), verify=False)
+    with pytest.raises(
+        masasurgery.AlreadyConvertedError, match="already converted: 6 of its"
+    ):
+        masasurgery.analyze(model, image_batch())

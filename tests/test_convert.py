@@ -173,3 +173,66 @@ def test_a_sequential_root_still_computes_the_same_function():
     conversion = masasurgery.convert(model, atoms=3, example_inputs=x)
     assert conversion.verification.passed
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# A record used with the wrong model, and arguments that are not models
+
+
+def _modules(model):
+    return {name: module for name, module in model.named_modules()}
+
+
+def test_undo_with_another_models_record_is_refused_and_changes_nothing():
+    x = image_batch()
+    converted, other = tiny_vit(depth=3), tiny_vit(depth=3)
+    first = masasurgery.convert(converted, atoms=1, example_inputs=x)
+    masasurgery.convert(other, atoms=1, example_inputs=x)
+    fresh = tiny_vit(depth=3)
+
+    for model in (other, fresh):
+        state, modules = _state(model), _modules(model)
+        with pytest.raises(
+            masasurgery.ConversionMismatchError, match="does not belong to"
+        ):
+            first.undo(model)
+        assert _same_state(model, state) and _modules(model) == modules
+    assert isinstance(converted.blocks[0].attn.qkv, SharedProjection)
+
+
+def test_undo_with_the_record_of_an_earlier_conversion_keeps_the_new_one():
+    model, x = tiny_vit(depth=3), image_batch()
+    first = masasurgery.convert(model, atoms=1, example_inputs=x)
+    masasurgery.materialize(model)
+    masasurgery.convert(model, atoms=2, example_inputs=x)
+    store, state = model.masa, _state(model)
+
+    with pytest.raises(masasurgery.ConversionMismatchError, match="does not belong"):
+        first.undo(model)
+    assert model.masa is store and _same_state(model, state)
+
+
+@pytest.mark.parametrize(
+    ("model", "got"),
+    [
+        ("vit_tiny_patch16_224", "got str 'vit_tiny_patch16_224'"),
+        ({"a": 1}, "got dict"),
+        (None, "got None"),
+    ],
+    ids=["name", "state-dict", "none"],
+)
+def test_convert_refuses_what_is_not_a_model(model, got):
+    with pytest.raises(ConfigError, match="expected a torch.nn.Module") as e:
+        masasurgery.convert(model, atoms=1)
+    assert got in str(e.value) and "build the model" in str(e.value)
+
+
+def test_inputs_the_original_rejects_are_reported_before_any_rewriting():
+    model = tiny_vit(depth=3)
+    state, modules = _state(model), _modules(model)
+    with pytest.raises(masasurgery.ModelRunError, match="before any rewriting") as e:
+        masasurgery.convert(model, atoms=1, example_inputs=image_batch(64))
+    message = str(e.value)
+    assert "while verifying" not in message and ".." not in message
+    assert "doesn't match model (32). Check" in message
+    assert _same_state(model, state) and _modules(model) == modules

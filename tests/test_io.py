@@ -16,6 +16,7 @@ import masasurgery
 from masasurgery import (
     AlreadyConvertedError,
     CheckpointError,
+    ConfigError,
     SharedProjection,
 )
 from masasurgery.tolerances import tolerance_for
@@ -356,6 +357,8 @@ def test_a_bad_plan_file_is_refused_with_the_field_named(tmp_path, edit, message
 def test_a_folder_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="has no masasurgery.json"):
         masasurgery.read_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="'/nonexistent' does not exist"):
+        masasurgery.load(tiny_vit(depth=3), "/nonexistent")
     (tmp_path / "masasurgery.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="is not valid JSON"):
         masasurgery.read_checkpoint(tmp_path)
@@ -467,3 +470,29 @@ def test_to_cuda_and_back_keeps_the_sharing(tmp_path):
     masasurgery.load(fresh, tmp_path)
     assert fresh.masa.group0_q.atoms.device.type == "cuda"
     assert torch.equal(fresh(x.cuda()), model(x.cuda()))
+
+
+def test_saving_onto_a_file_is_refused_and_writes_nothing(tmp_path):
+    model, conversion = _converted()
+    target = tmp_path / "report.json"
+    target.write_text("{}")
+    with pytest.raises(CheckpointError, match="it is a file, and a checkpoint"):
+        masasurgery.save(model, target, conversion=conversion)
+    with pytest.raises(CheckpointError, match="cannot make the checkpoint folder"):
+        masasurgery.save(model, target / "inside", conversion=conversion)
+    assert target.read_text() == "{}" and sorted(tmp_path.iterdir()) == [target]
+
+
+def test_a_model_of_another_depth_is_told_once_how_to_build_it(tmp_path):
+    model, _ = _converted()
+    masasurgery.save(model, tmp_path)
+    with pytest.raises(CheckpointError, match="has no such module. The model") as e:
+        masasurgery.load(tiny_vit(depth=2), tmp_path)
+    assert str(e.value).lower().count("build the model") == 1
+
+
+@pytest.mark.parametrize("step", ["save", "load"])
+def test_save_and_load_refuse_what_is_not_a_model(tmp_path, step):
+    with pytest.raises(ConfigError, match="expected a torch.nn.Module"):
+        getattr(masasurgery, step)({"blocks.0.attn.qkv.weight": None}, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -182,3 +182,8 @@ def test_other_layouts_materialize_to_their_original_module_types(make, dense_ty
 def _call(model, inputs):
     out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     return out.logits if hasattr(out, "logits") else out
+
+
+def test_materialize_refuses_what_is_not_a_model():
+    with pytest.raises(masasurgery.ConfigError, match="got str 'vit_tiny"):
+        masasurgery.materialize("vit_tiny_patch16_224")

@@ -219,8 +219,9 @@ def test_a_backbone_without_classes_gets_no_task_figures():
 
 def test_lm_figures_agree_with_a_direct_computation():
     model, conversion, ids = _converted_lm(atoms=1)
-    original = copy.deepcopy(model)
-    conversion.undo(original)
+    # Copied together, so that the copied record describes the copied model
+    original, record = copy.deepcopy((model, conversion))
+    record.undo(original)
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 4:] = 0  # padding: left out of the figures
     inputs = {"input_ids": ids, "attention_mask": mask}
@@ -679,9 +680,19 @@ def test_bad_devices_are_config_errors(device, message):
 def test_inputs_the_model_rejects_are_named_and_nothing_changes():
     model, conversion, x = _converted()
     qkv = model.blocks[0].attn.qkv
-    with pytest.raises(masasurgery.ModelRunError, match="failed on the example inputs"):
+    with pytest.raises(
+        masasurgery.ModelRunError, match="failed on the example inputs"
+    ) as e:
         masasurgery.verify(model, conversion, torch.randn(2, 3, 16, 16), device="cpu")
     assert model.blocks[0].attn.qkv is qkv and not model.training
+    # timm's message ends in a full stop, and ours does not add another
+    assert "doesn't match model (32). Check" in str(e.value)
+
+
+def test_verify_refuses_what_is_not_a_model():
+    _, conversion, x = _converted()
+    with pytest.raises(ConfigError, match="expected a torch.nn.Module as the model"):
+        masasurgery.verify("vit_tiny_patch16_224", conversion, x)
 
 
 def test_one_by_one_conv_projections_are_checked_per_output_channel():
