@@ -418,3 +418,45 @@ def test_parse_kwargs_keeps_lists_and_strings():
 def test_parse_input_size_forms():
     assert parse_input_size("32") == (32,)
     assert parse_input_size("1,28,28") == (1, 28, 28)
+
+
+# ---------------------------------------------------------------------------
+# Stumbles of a first run
+
+
+def test_a_transformers_config_without_weights_is_reported_as_random(capsys, tmp_path):
+    from transformers import BertConfig
+
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+    )
+    config.save_pretrained(tmp_path)
+    code, out, err = run(capsys, "analyze", tmp_path)
+
+    assert code == 0 and "holds no weights file" in err
+    assert "(float32, random weights, seed 0)" in out.splitlines()[0]
+
+
+def test_out_onto_a_file_is_bad_input_before_converting(capsys, tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    code, out, err = run(capsys, "convert", *TINY, "--atoms", "1", "--out", report)
+
+    assert code == 2 and out == ""
+    assert err.count("masasurgery:") == 1 and "is a file" in err
+    assert report.read_text() == "{}"
+
+
+def test_checkpoints_refuse_analyze_and_verify_atoms(capsys, tmp_path):
+    code, _ = run_json(capsys, "convert", *TINY, "--atoms", "1", "--out", tmp_path)
+    assert code == 0
+
+    code, _, err = run(capsys, "analyze", tmp_path)
+    assert code == 2 and "already converted" in err
+    assert "analyze its original instead: timm:vit_tiny_patch16_224" in err
+    code, _, err = run(capsys, "verify", tmp_path, "--atoms", "2")
+    assert code == 2 and "--atoms 2 applies to a MODEL converted now" in err

@@ -9,7 +9,9 @@ exit codes.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from masasurgery.analyze import analyze
@@ -18,9 +20,9 @@ from masasurgery.cli.loading import Loaded, load_model, parse_roles
 from masasurgery.cli.output import ExitCode, Outcome, Output
 from masasurgery.cli.ratio import atoms_for_ratio
 from masasurgery.cli.reload import reload_conversion
-from masasurgery.cli.sources import write_source
+from masasurgery.cli.sources import holds_weights, write_source
 from masasurgery.convert import Conversion, convert
-from masasurgery.errors import AlreadyConvertedError
+from masasurgery.errors import AlreadyConvertedError, ConfigError
 from masasurgery.io import read_checkpoint, save
 from masasurgery.report import format_table
 from masasurgery.verify import VerificationReport, verify
@@ -39,6 +41,7 @@ def analyze_command(args: argparse.Namespace, out: Output) -> Outcome:
     with out.steps(["build model", "analyze", *["spectrum"] * spectrum]) as steps:
         steps.start("build model")
         loaded = load_model(args)
+        _refuse_checkpoint(loaded, "analyze")
         steps.start("analyze")
         analysis = analyze(loaded.model, loaded.inputs)
         curves = None
@@ -74,6 +77,7 @@ def convert_command(args: argparse.Namespace, out: Output) -> Outcome:
     """Convert (fitted to calibration data with --calibration), verify, and save
     the checkpoint and the plots asked for."""
     roles = parse_roles(args.roles)
+    _check_out(args.out)
     uniform_ratio = args.ratio is not None and args.calibration is None
     names = ["build model", "analyze"] * uniform_ratio + ["convert"]
     names += ["verify"] * (not args.no_verify) + ["save"] * (args.out is not None)
@@ -81,7 +85,7 @@ def convert_command(args: argparse.Namespace, out: Output) -> Outcome:
         # The model, and the atoms for a ratio without calibration data
         steps.start("build model")
         loaded = load_model(args)
-        _refuse_checkpoint(loaded)
+        _refuse_checkpoint(loaded, "convert")
         atoms, choice = args.atoms, None
         if uniform_ratio:
             steps.start("analyze")
@@ -119,6 +123,7 @@ def verify_command(args: argparse.Namespace, out: Output) -> Outcome:
     with out.steps(["build model", "convert", "verify"]) as steps:
         steps.start("build model")
         loaded = load_model(args)
+        _check_atoms_for(loaded, args.atoms)
         steps.start("convert")
         checkpoint = None
         if loaded.checkpoint is not None:
@@ -233,14 +238,47 @@ def _convert_outcome(
     return Outcome("\n".join(lines), data, ExitCode.VERIFICATION_FAILED, reason)
 
 
-def _refuse_checkpoint(loaded: Loaded) -> None:
+def _refuse_checkpoint(loaded: Loaded, command: str) -> None:
     if loaded.checkpoint is None:
         return
     checkpoint = read_checkpoint(loaded.checkpoint)
     raise AlreadyConvertedError(
         f"{loaded.checkpoint} is a checkpoint, already converted "
         f"({checkpoint.config.to_json() if checkpoint.config else 'no options'}); "
-        f"convert its original instead: {loaded.resolved.source.label}."
+        f"{command} its original instead: {_original(loaded)}."
+    )
+
+
+def _original(loaded: Loaded) -> str:
+    # The MODEL argument (and its options) that builds the checkpoint's original
+    source = loaded.resolved.source
+    options = ",".join(f"{k}={_option(v)}" for k, v in source.kwargs.items())
+    return source.label + (f" --model-kwargs {options}" if options else "")
+
+
+def _option(value: Any) -> str:
+    # As --model-kwargs reads it back: strings bare, the rest as compact JSON
+    return value if isinstance(value, str) else json.dumps(value, separators=",:")
+
+
+def _check_out(out: str | None) -> None:
+    # Before the conversion runs, not after it
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(
+            f"--out {out} is a file; a checkpoint is a folder (weights, plan and "
+            "source.json). Pass a new or existing folder, e.g. --out "
+            f"{Path(out).with_suffix('')}-masa, and --json > FILE for the report."
+        )
+
+
+def _check_atoms_for(loaded: Loaded, atoms: int | None) -> None:
+    if loaded.checkpoint is None or atoms is None:
+        return
+    raise ConfigError(
+        f"--atoms {atoms} applies to a MODEL converted now, but "
+        f"{loaded.checkpoint} is a checkpoint, whose atoms were fixed when it "
+        "was saved; drop --atoms to verify it as saved, or pass its original "
+        f"({_original(loaded)}) to convert it with other atoms."
     )
 
 
@@ -270,6 +308,8 @@ def _header(loaded: Loaded) -> str:
 def _weights(source: Any) -> str:
     if source.weights is not None:
         return f"weights from {source.weights}"
+    if source.kind == "transformers" and not holds_weights(Path(source.name)):
+        return f"random weights, seed {source.seed}"
     if source.kind in ("zoo", "transformers"):
         return "its own weights"
     if source.pretrained:

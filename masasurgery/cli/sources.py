@@ -39,6 +39,7 @@ __all__ = [
     "ZOO_MODELS",
     "ModelSource",
     "Resolved",
+    "holds_weights",
     "read_source",
     "resolve",
     "write_source",
@@ -194,6 +195,12 @@ def resolve(
     return Resolved(_checked(ModelSource("timm", spec, **options)))
 
 
+def holds_weights(folder: Path) -> bool:
+    """True when a transformers model folder has a weights file to load."""
+    folder = Path(folder)
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
 def write_source(directory: Path, source: ModelSource, inputs: dict[str, Any]) -> Path:
     """Write ``source.json`` into a checkpoint folder; returns its path."""
     from masasurgery import __version__
@@ -312,7 +319,7 @@ def _build_transformers(source: ModelSource) -> nn.Module:
     config = _call(source, transformers.AutoConfig.from_pretrained, path)
     names = [n for n in config.architectures or [] if hasattr(transformers, n)]
     cls = getattr(transformers, names[0]) if names else transformers.AutoModel
-    if any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")):
+    if holds_weights(path):
         return _call(source, cls.from_pretrained, path, config=config, kwargs={})
     if source.pretrained:
         raise ConfigError(f"--pretrained was given, but {path} holds no weights file.")
