@@ -50,6 +50,7 @@ from masasurgery.inputs import resolve_inputs
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.group import Group
 from masasurgery.report import format_table
+from masasurgery.sequential import SequentialReport, refit_sequentially
 
 __all__ = ["Compression", "CompressionPlan", "compress", "prepare_compression"]
 
@@ -69,6 +70,7 @@ class Compression:
         grouping: ``"structure"`` or ``"divergence"``.
         runs: The blocks of each group after grouping.
         seconds: Time of each step.
+        sequential: What the sequential refit changed, when it ran.
     """
 
     target: str
@@ -76,6 +78,7 @@ class Compression:
     grouping: str
     runs: list[list[str]]
     seconds: dict[str, float] = field(default_factory=dict)
+    sequential: SequentialReport | None = None
 
     def __str__(self) -> str:
         rows = [
@@ -95,6 +98,7 @@ class Compression:
                     rows,
                 ),
             ]
+            + ([] if self.sequential is None else ["", str(self.sequential)])
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +115,14 @@ class Compression:
                 for (g, role), c in sorted(self.allocation.choices.items())
             ],
             "seconds": self.seconds,
+            "sequential": None
+            if self.sequential is None
+            else {
+                "blocks": self.sequential.blocks,
+                "chains": self.sequential.chains,
+                "skipped": self.sequential.skipped,
+                "parts": [vars(p) for p in self.sequential.parts],
+            },
         }
 
 
@@ -129,6 +141,8 @@ class CompressionPlan:
         grouping: How the groups were cut.
         inputs: The example inputs (for capture and verification).
         seconds: Time of each step.
+        batches: The calibration batches, when the plan was made from batches
+            (the sequential refit runs the model on them); None otherwise.
     """
 
     analysis: Analysis
@@ -137,6 +151,7 @@ class CompressionPlan:
     grouping: str
     inputs: Inputs = field(repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
+    batches: list[Any] | None = field(default=None, repr=False)
 
 
 def prepare_compression(
@@ -200,7 +215,8 @@ def prepare_compression(
         analysis = replace(analysis, groups=groups)
     with clock("tabulate"):
         tables = _tables(model, groups, roles, stats, residual)
-    return CompressionPlan(analysis, stats, tables, grouping, inputs, seconds)
+    batches = calibration if isinstance(calibration, list) else None
+    return CompressionPlan(analysis, stats, tables, grouping, inputs, seconds, batches)
 
 
 def compress(
@@ -214,6 +230,7 @@ def compress(
     residual: bool = True,
     grouping: str = "structure",
     runs: int | None = None,
+    sequential: bool = False,
     example_inputs: Any | None = None,
     verify: bool = True,
     device: torch.device | str | None = None,
@@ -238,6 +255,11 @@ def compress(
             cuts each into ``runs`` runs where consecutive blocks differ most
             (:mod:`masasurgery.grouping`).
         runs: Runs per group for ``"divergence"``; default one per six blocks.
+        sequential: After the fit, refit each block's coefficients and
+            residuals, in order, for the inputs the compressed blocks before it
+            give (:mod:`masasurgery.sequential`): a few more passes over the
+            calibration batches, which must be batches (or a plan made from
+            them), not statistics alone.
         example_inputs: Inputs for capture and verification; default the first
             calibration batch.
         verify: Check the rewrite; on failure the model is restored.
@@ -245,10 +267,12 @@ def compress(
         keep_originals: Keep the replaced projections in the record.
 
     Returns:
-        The conversion; ``conversion.compression`` says what was chosen.
+        The conversion; ``conversion.compression`` says what was chosen (and
+        ``conversion.compression.sequential`` what the refit changed).
 
     Raises:
-        ConfigError: No target, several, or one out of range; bad ``grouping``.
+        ConfigError: No target, several, or one out of range; bad ``grouping``;
+            ``sequential=True`` without calibration batches.
         NoAttentionError: No group of repeated attention blocks.
         VerificationError: The rewrite failed verification; model unchanged.
 
@@ -276,6 +300,12 @@ def compress(
         )
     else:
         _check_model(model)
+    if sequential and not plan.batches:
+        raise ConfigError(
+            "sequential=True runs the model on the calibration batches, but "
+            f"{'the plan was' if calibration is plan else 'it was'} made from "
+            "statistics alone; pass the batches (or a plan prepared from them)."
+        )
     seconds = dict(plan.seconds)
     clock = _Clock(seconds)
 
@@ -292,16 +322,32 @@ def compress(
     shared = tuple(sorted({role for _, role in allocation.choices}, key=ROLES.index))
     config = MasaConfig(atoms=max(most, 1), roles=shared)
     conversion = apply_fits(model, plan.analysis, fits, config)
+    refit = None
+    if sequential:
+        with clock("sequential"):
+            refit = _refit(model, conversion, plan.batches)
     conversion.compression = Compression(
         target=target[0],
         allocation=allocation,
         grouping=plan.grouping,
         runs=[g.blocks for g in groups],
         seconds=seconds,
+        sequential=refit,
     )
     inputs = plan.inputs if example_inputs is None else example_inputs
     finish(model, conversion, inputs, verify, device, keep_originals)
     return conversion
+
+
+def _refit(
+    model: nn.Module, conversion: Conversion, batches: list[Any]
+) -> SequentialReport:
+    # A refit that fails leaves the model as it was before compress
+    try:
+        return refit_sequentially(model, conversion, batches)
+    except BaseException:
+        conversion.undo(model)
+        raise
 
 
 class _Clock:

@@ -30,7 +30,7 @@ from torch import nn
 
 from masasurgery._uses import dictionary_uses, shared_projections
 
-__all__ = ["ShardPlan", "block_names", "shard_converted"]
+__all__ = ["ShardPlan", "block_names", "block_of", "shard_converted"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,13 +68,22 @@ def block_names(model: nn.Module) -> list[str]:
         ['blocks.0', 'blocks.1']
     """
     modules = dict(model.named_modules())
-    blocks = []
-    for name, _ in shared_projections(model):
-        ancestors = _ancestors(name)
-        held = [a for a in ancestors if isinstance(modules[_parent(a)], _CONTAINERS)]
-        if held:
-            blocks.append(held[-1])
-    return list(dict.fromkeys(blocks))
+    blocks = [block_of(modules, name) for name, _ in shared_projections(model)]
+    return list(dict.fromkeys(b for b in blocks if b is not None))
+
+
+def block_of(modules: dict[str, nn.Module], name: str) -> str | None:
+    """The block of the module ``name``: its deepest container-held ancestor.
+
+    Args:
+        modules: ``dict(model.named_modules())``.
+        name: A qualified module name, e.g. ``"blocks.3.attn.qkv"``.
+
+    Returns:
+        The block's qualified name, or None when no ancestor is in a container.
+    """
+    held = [a for a in _ancestors(name) if isinstance(modules[_parent(a)], _CONTAINERS)]
+    return held[-1] if held else None
 
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)

@@ -37,7 +37,14 @@ from masasurgery.errors import FitError
 from masasurgery.fit import MatrixPCA, matrix_pca
 from masasurgery.whiten import Whitening, whitening
 
-__all__ = ["ErrorTable", "error_table", "fit_calibrated", "whitened_gram"]
+__all__ = [
+    "ErrorTable",
+    "LayerFit",
+    "error_table",
+    "fit_calibrated",
+    "fit_layer",
+    "whitened_gram",
+]
 
 
 @dataclass
@@ -136,18 +143,12 @@ def fit_calibrated(
         basis = _whitened_atoms(weights, statistics, atoms, counts)
     coefficients, ups, downs, errors = [], [], [], []
     for index, (weight, layer) in enumerate(zip(weights, layers, strict=True)):
-        target = layer.apply(weight)  # (out, in), whitened
-        mixed = _mix(basis.atoms, layer)  # (S, out * in)
-        if plain is not None:
-            c = plain.coefficients[index]
-        else:
-            c = _solve_coefficients(mixed, target.reshape(-1))
-        left = target - (c @ mixed).reshape(target.shape)
-        up, down, missed = _residual(left, layer, rank)
-        coefficients.append(c)
-        ups.append(up)
-        downs.append(down)
-        errors.append((missed / target.square().sum().clamp_min(1e-300)).sqrt())
+        given = None if plain is None else plain.coefficients[index]
+        fit = fit_layer(weight, layer, basis.atoms, rank, coefficients=given)
+        coefficients.append(fit.coefficients)
+        ups.append(fit.up)
+        downs.append(fit.down)
+        errors.append(fit.error)
 
     return MatrixPCA(
         atoms=basis.atoms.to(dtype),
@@ -158,6 +159,64 @@ def fit_calibrated(
         residual_up=torch.stack(ups).to(dtype) if rank else None,
         residual_down=torch.stack(downs).to(dtype) if rank else None,
     )
+
+
+@dataclass
+class LayerFit:
+    """One layer's share of a calibrated fit, in float64.
+
+    Attributes:
+        coefficients: Mixing weights of the atoms, ``(S,)``.
+        up: Left factor of the residual, ``(out, r)``.
+        down: Right factor of the residual, ``(r, in)``.
+        error: Relative output error ``||(W - W^) R|| / ||W R||``.
+    """
+
+    coefficients: Tensor
+    up: Tensor
+    down: Tensor
+    error: Tensor
+
+
+def fit_layer(
+    weight: Tensor,
+    layer: Whitening,
+    atoms: Tensor,
+    rank: int,
+    *,
+    coefficients: Tensor | None = None,
+) -> LayerFit:
+    """Coefficients of fixed ``atoms`` and a rank-``rank`` residual for one layer.
+
+    Minimises ``||(W - sum_s c_s D_s - U V) R||`` in the metric of ``layer``
+    (``X^T X = R R^T``): the coefficients by least squares, then the residual by
+    the truncated SVD of what they leave, mapped back by ``R^{-1}``.
+
+    Args:
+        weight: The layer's weight ``W``, ``(out, in)``.
+        layer: The whitening of the layer's input statistics.
+        atoms: The shared atoms ``D``, ``(S, out, in)``, float64 (``S`` may be 0).
+        rank: Rank of the residual.
+        coefficients: Use these coefficients instead of solving for them.
+
+    Returns:
+        The coefficients, the residual's factors and the relative error.
+
+    Example:
+        >>> w, x = torch.randn(8, 6), torch.randn(50, 6)
+        >>> fit = fit_layer(w, whitening(x.T @ x), torch.zeros(0, 8, 6).double(), 6)
+        >>> bool(fit.error < 1e-6), tuple(fit.up.shape), tuple(fit.down.shape)
+        (True, (8, 6), (6, 6))
+    """
+    target = layer.apply(weight)  # (out, in), whitened
+    mixed = _mix(atoms, layer)  # (S, out * in)
+    if coefficients is None:
+        coefficients = _solve_coefficients(mixed, target.reshape(-1))
+    coefficients = coefficients.to(mixed.dtype)
+    left = target - (coefficients @ mixed).reshape(target.shape)
+    up, down, missed = _residual(left, layer, rank)
+    error = (missed / target.square().sum().clamp_min(1e-300)).sqrt()
+    return LayerFit(coefficients, up, down, error)
 
 
 def error_table(
