@@ -113,8 +113,7 @@ def write_plot(path: Path, results: dict[str, ModelResult]) -> None:
         _panel(ax, results[key], colors)
     handles, labels = axes[0][-1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # room for the legend below
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
