@@ -136,7 +136,7 @@ def sdpa_backend_of(backend: SDPBackend | str | None) -> SDPBackend:
     if isinstance(backend, str) and backend.lower() in SDPA_BACKENDS:
         return SDPA_BACKENDS[backend.lower()]
     raise ConfigError(
-        f"unknown SDPA backend {backend!r}; pass an "
+        f"unknown SDPA backend {backend!r}; pass a "
         f"torch.nn.attention.SDPBackend or one of {sorted(SDPA_BACKENDS)}."
     )
 

@@ -84,7 +84,7 @@ class Compression:
         rows = [
             [g, role, c.atoms, c.rank, f"{1 - c.parameters / c.dense_parameters:.1%}"]
             + [f"{c.error:.4f}"]
-            for (g, role), c in sorted(self.allocation.choices.items())
+            for (g, role), c in _in_role_order(self.allocation.choices)
         ]
         a = self.allocation
         return "\n".join(
@@ -112,7 +112,7 @@ class Compression:
             "compression": self.allocation.compression,
             "choices": [
                 {"group": g, "role": role} | vars(c)
-                for (g, role), c in sorted(self.allocation.choices.items())
+                for (g, role), c in _in_role_order(self.allocation.choices)
             ],
             "seconds": self.seconds,
             "sequential": None
@@ -124,6 +124,11 @@ class Compression:
                 "parts": [vars(p) for p in self.sequential.parts],
             },
         }
+
+
+def _in_role_order(choices: dict[tuple[int, str], Choice]) -> list:
+    """The choices by group, then in the order q, k, v, o."""
+    return sorted(choices.items(), key=lambda kv: (kv[0][0], ROLES.index(kv[0][1])))
 
 
 @dataclass

@@ -172,8 +172,14 @@ class Conversion:
     def __str__(self) -> str:
         p = self.params
         lines = [
-            f"Converted {self.analysis.model}: atoms={self.config.atoms}, "
-            f"roles={','.join(self.config.roles)}, "
+            f"Converted {self.analysis.model}: "
+            + (
+                f"atoms={self.config.atoms}, "
+                if self.compression is None
+                else f"{self.compression.target} (atoms and ranks per dictionary "
+                "below), "
+            )
+            + f"roles={','.join(self.config.roles)}, "
             f"{len(self.analysis.groups)} groups, "
             f"{len(self.rewrite.replacements)} projections replaced",
             "",

@@ -267,6 +267,12 @@ def _check_belongs(model: nn.Module, conversion: Conversion) -> None:
             found = model.get_submodule(target)
         except AttributeError:
             found = None
+        if found is not None and found is conversion.rewrite.originals.get(target):
+            raise ConversionMismatchError(
+                f"this conversion of {type(model).__name__} was undone already: "
+                f"{target!r} holds its original projection again. Convert the "
+                "model anew to get a fresh record."
+            )
         if found is not module:
             raise ConversionMismatchError(
                 f"this conversion does not belong to {type(model).__name__}: its "

@@ -26,6 +26,9 @@ def test_ratio_is_met_and_the_rewrite_is_exact():
     assert conversion.params.shared_weights_reduction >= 0.5
     assert conversion.verification.rewrite_exact
     assert "Budget ratio=0.5" in str(conversion)
+    assert "Converted VisionTransformer: ratio=0.5 (atoms and ranks" in str(conversion)
+    roles = [c["role"] for c in conversion.to_dict()["compression"]["choices"]]
+    assert roles == ["q", "k", "v", "o"]
     assert conversion.to_dict()["compression"]["compression"] >= 0.5
 
 

@@ -200,6 +200,16 @@ def test_undo_with_another_models_record_is_refused_and_changes_nothing():
     assert isinstance(converted.blocks[0].attn.qkv, SharedProjection)
 
 
+def test_undoing_twice_says_the_record_was_undone_already():
+    model, x = tiny_vit(depth=3), image_batch()
+    conversion = masasurgery.convert(model, atoms=1, example_inputs=x)
+    conversion.undo(model)
+    state = _state(model)
+    with pytest.raises(masasurgery.ConversionMismatchError, match="undone already"):
+        conversion.undo(model)
+    assert _same_state(model, state)
+
+
 def test_undo_with_the_record_of_an_earlier_conversion_keeps_the_new_one():
     model, x = tiny_vit(depth=3), image_batch()
     first = masasurgery.convert(model, atoms=1, example_inputs=x)
