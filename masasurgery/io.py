@@ -178,7 +178,7 @@ def save(
     _check_folder(Path(path))
     plan = plan_of(model)
     if conversion is not None:
-        _check_conversion(conversion, plan)
+        _check_conversion(model, conversion, plan)
     tensors, aliases = _tensors_to_save(model)
     checkpoint = Checkpoint(
         directory=Path(path),
@@ -332,8 +332,11 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 # Saving
 
 
-def _check_conversion(conversion: Conversion, plan: RewritePlan) -> None:
-    """The conversion replaced exactly the plan's projections, with its layouts."""
+def _check_conversion(
+    model: nn.Module, conversion: Conversion, plan: RewritePlan
+) -> None:
+    """The conversion replaced exactly the plan's projections, with its layouts,
+    in this very model."""
     targets = {p.target: p.layout for p in plan.projections}
     replaced = sorted(conversion.rewrite.replacements)
     if replaced != sorted(targets):
@@ -341,6 +344,17 @@ def _check_conversion(conversion: Conversion, plan: RewritePlan) -> None:
             f"the conversion replaced {len(replaced)} projections, the model holds "
             f"{len(targets)} ({sorted(set(replaced) ^ set(targets))[:3]} differ); "
             "pass the Conversion that convert returned for this very model."
+        )
+    foreign = [
+        t for t, m in conversion.rewrite.replacements.items()
+        if model.get_submodule(t) is not m
+    ]  # fmt: skip
+    if foreign:
+        raise CheckpointError(
+            f"the conversion describes another {type(model).__name__}: its "
+            f"replacement for {foreign[0]!r} is not the module in this model. Pass "
+            "the Conversion that convert returned for this very model, or none. "
+            "Nothing was written."
         )
     for group in conversion.analysis.groups:
         for site in group.sites:

@@ -302,6 +302,14 @@ def test_save_refuses_a_meta_model_and_a_foreign_conversion(tmp_path):
         masasurgery.save(copy.deepcopy(model).to("meta"), tmp_path)
 
 
+def test_save_refuses_the_record_of_another_model_of_the_same_shape(tmp_path):
+    model, _ = _converted()
+    _, twin = _converted()
+    with pytest.raises(CheckpointError, match="describes another"):
+        masasurgery.save(model, tmp_path / "ckpt", conversion=twin)
+    assert not (tmp_path / "ckpt").exists()
+
+
 class _Payload:
     """Unpickling this calls ``_PAYLOAD_CALLS.append``: a stand-in for any code."""
 
