@@ -164,6 +164,17 @@ class Conversion:
             )
         restore(model, self.rewrite)
 
+    def foreign_target(self, model: nn.Module) -> str | None:
+        """The first replaced projection whose replacement is not in ``model``.
+
+        None when the record describes ``model``: every module it put in is
+        still there, at the same name.
+        """
+        for target, module in self.rewrite.replacements.items():
+            if submodule_or_none(model, target) is not module:
+                return target
+        return None
+
     def release_originals(self) -> None:
         """Drop the replaced projections, freeing their memory; no undo after."""
         self.rewrite.originals.clear()
@@ -419,6 +430,14 @@ def _fit_groups(
                 fits[group.index, role].energy_kept,
             )
     return fits
+
+
+def submodule_or_none(model: nn.Module, target: str) -> nn.Module | None:
+    """``model.get_submodule(target)``, or None when there is no such module."""
+    try:
+        return model.get_submodule(target)
+    except AttributeError:
+        return None
 
 
 def role_weights(model: nn.Module, group: Group, role: str) -> list[torch.Tensor]:

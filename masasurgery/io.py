@@ -345,14 +345,11 @@ def _check_conversion(
             f"{len(targets)} ({sorted(set(replaced) ^ set(targets))[:3]} differ); "
             "pass the Conversion that convert returned for this very model."
         )
-    foreign = [
-        t for t, m in conversion.rewrite.replacements.items()
-        if model.get_submodule(t) is not m
-    ]  # fmt: skip
-    if foreign:
+    foreign = conversion.foreign_target(model)
+    if foreign is not None:
         raise CheckpointError(
             f"the conversion describes another {type(model).__name__}: its "
-            f"replacement for {foreign[0]!r} is not the module in this model. Pass "
+            f"replacement for {foreign!r} is not the module in this model. Pass "
             "the Conversion that convert returned for this very model, or none. "
             "Nothing was written."
         )

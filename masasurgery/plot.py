@@ -29,11 +29,10 @@ from torch import nn
 
 from masasurgery.analyze import analyze
 from masasurgery.config import ROLES
-from masasurgery.convert import Conversion
+from masasurgery.convert import Conversion, role_weights
 from masasurgery.errors import MasaError
 from masasurgery.fit import matrix_pca
 from masasurgery.inputs import resolve_inputs
-from masasurgery.passes.layouts import read_rows
 from masasurgery.verify_report import VerificationReport
 
 __all__ = [
@@ -166,12 +165,7 @@ def energy_curves(
     curves = []
     for group in analysis.groups:
         for role in [r for r in group.roles if r in roles]:
-            weights = []
-            for site in group.sites:
-                projection = site.projection_of(role)
-                module = source.get_submodule(projection.target)
-                start, stop = projection.roles[role]
-                weights.append(read_rows(module, projection.layout, start, stop))
+            weights = role_weights(source, group, role)
             with torch.no_grad():
                 eigenvalues = matrix_pca(weights, 1).eigenvalues  # all L of them
             chosen = None if atoms is None else min(atoms, len(weights))

@@ -262,24 +262,24 @@ def _runs(
 
 def _check_belongs(model: nn.Module, conversion: Conversion) -> None:
     """Refuse a model the conversion record does not describe."""
-    for target, module in conversion.rewrite.replacements.items():
-        try:
-            found = model.get_submodule(target)
-        except AttributeError:
-            found = None
-        if found is not None and found is conversion.rewrite.originals.get(target):
-            raise ConversionMismatchError(
-                f"this conversion of {type(model).__name__} was undone already: "
-                f"{target!r} holds its original projection again. Convert the "
-                "model anew to get a fresh record."
-            )
-        if found is not module:
-            raise ConversionMismatchError(
-                f"this conversion does not belong to {type(model).__name__}: its "
-                f"replacement for {target!r} is not in the model (found "
-                f"{type(found).__name__}). Pass the model that convert() changed, "
-                "with the record convert() returned for it."
-            )
+    from masasurgery.convert import submodule_or_none
+
+    target = conversion.foreign_target(model)
+    if target is None:
+        return
+    found = submodule_or_none(model, target)
+    if found is not None and found is conversion.rewrite.originals.get(target):
+        raise ConversionMismatchError(
+            f"this conversion of {type(model).__name__} was undone already: "
+            f"{target!r} holds its original projection again. Convert the "
+            "model anew to get a fresh record."
+        )
+    raise ConversionMismatchError(
+        f"this conversion does not belong to {type(model).__name__}: its "
+        f"replacement for {target!r} is not in the model (found "
+        f"{type(found).__name__}). Pass the model that convert() changed, "
+        "with the record convert() returned for it."
+    )
 
 
 def _run_device(
