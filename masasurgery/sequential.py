@@ -93,13 +93,13 @@ class SequentialReport:
     seconds: float = 0.0
 
     def __str__(self) -> str:
-        before = [p.before for p in self.parts]
-        after = [p.after for p in self.parts]
-        mean = (lambda xs: sum(xs) / len(xs)) if self.parts else (lambda xs: 0.0)
+        count = max(len(self.parts), 1)
+        before = sum(p.before for p in self.parts) / count
+        after = sum(p.after for p in self.parts) / count
         return (
             f"Sequential refit of {len(self.parts)} parts in {len(self.blocks)} "
             f"blocks ({len(self.chains)} chains, {self.seconds:.1f} s): mean output "
-            f"error {mean(before):.4f} -> {mean(after):.4f}"
+            f"error {before:.4f} -> {after:.4f}"
             + (f"; {len(self.skipped)} projections skipped" if self.skipped else "")
         )
 
@@ -155,7 +155,7 @@ def refit_sequentially(
             "releasing them (keep_originals=False releases them after)."
         )
     inputs = [Inputs.of(b) for b in batches]
-    parts, skipped = _parts(model, conversion)
+    parts, skipped = _parts(conversion)
     by_block = _by_block(model, parts)
 
     # Record how the original model calls every block, and in which order
@@ -196,7 +196,7 @@ def refit_sequentially(
 # Parts and blocks
 
 
-def _parts(model: nn.Module, conversion: Any) -> tuple[list[_Part], dict[str, str]]:
+def _parts(conversion: Any) -> tuple[list[_Part], dict[str, str]]:
     parts, skipped = [], {}
     for group in conversion.analysis.groups:
         for layer, site in enumerate(group.sites):
