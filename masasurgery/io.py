@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,12 +29,16 @@ import torch
 from torch import Tensor, nn
 
 from masasurgery._checks import check_module
+from masasurgery.checkpoint import (
+    FORMAT_VERSION,
+    PLAN_FILE,
+    WEIGHTS_FILE,
+    Checkpoint,
+    checkpoint_from_dict,
+)
 from masasurgery.config import ROLES, MasaConfig
-from masasurgery.errors import AlreadyConvertedError, CheckpointError, ConfigError
+from masasurgery.errors import AlreadyConvertedError, CheckpointError
 from masasurgery.passes.rewrite import (
-    DictionaryPlan,
-    PartPlan,
-    ProjectionPlan,
     Rewrite,
     RewritePlan,
     plan_of,
@@ -58,78 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Version of the plan file's layout; a reader refuses newer versions.
-FORMAT_VERSION = 1
-#: The name every plan file declares.
-FORMAT_NAME = "masasurgery"
-#: File names inside a checkpoint folder.
-WEIGHTS_FILE = "model.safetensors"
-PLAN_FILE = "masasurgery.json"
-
-
-@dataclass
-class Checkpoint:
-    """A saved conversion: where its files are and what its plan file says.
-
-    Attributes:
-        directory: The checkpoint folder.
-        model: Class name of the model it was saved from.
-        plan: The converted structure; empty for a model that was not converted.
-        config: The conversion's options: those of the ``Conversion`` when one was
-            passed to :func:`save`, else read off the dictionaries (``atoms`` is
-            then the largest dictionary). None when nothing was converted.
-        aliases: Tied tensors: a ``state_dict`` key -> the key whose tensor it
-            shares, stored once under that key.
-        format_version: Version of the plan file's layout.
-        masasurgery_version: The masasurgery that wrote it.
-    """
-
-    directory: Path
-    model: str
-    plan: RewritePlan = field(repr=False)
-    config: MasaConfig | None
-    aliases: dict[str, str] = field(default_factory=dict, repr=False)
-    format_version: int = FORMAT_VERSION
-    masasurgery_version: str = ""
-
-    def __str__(self) -> str:
-        options = "not converted" if self.config is None else self.config.to_json()
-        return (
-            f"masasurgery checkpoint of {self.model} at {self.directory} "
-            f"(format {self.format_version}): {options}, "
-            f"{len(self.plan.projections)} shared projections, "
-            f"{len(self.plan.dictionaries)} dictionaries"
-        )
-
-    @property
-    def weights_file(self) -> Path:
-        return self.directory / WEIGHTS_FILE
-
-    @property
-    def plan_file(self) -> Path:
-        return self.directory / PLAN_FILE
-
-    @property
-    def num_bytes(self) -> int:
-        """Size of the weights file, in bytes."""
-        return self.weights_file.stat().st_size
-
-    def to_dict(self) -> dict[str, Any]:
-        """The plan file's content, as plain data."""
-        return {
-            "format": FORMAT_NAME,
-            "format_version": self.format_version,
-            "masasurgery_version": self.masasurgery_version,
-            "model": self.model,
-            "weights": WEIGHTS_FILE,
-            "config": None if self.config is None else self.config.to_dict(),
-            "aliases": dict(self.aliases),
-            "plan": {
-                "dictionaries": [asdict(d) for d in self.plan.dictionaries],
-                "projections": [_projection_dict(p) for p in self.plan.projections],
-            },
-        }
 
 
 def save(
@@ -313,19 +244,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{plan_file} is not valid JSON: {e}") from e
 
     # Its format and version, then its content
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise CheckpointError(
-            f"{plan_file} is not a masasurgery plan: expected format "
-            f"{FORMAT_NAME!r}, got {got!r}."
-        )
-    version = _field(data, "format_version", int, "the plan file")
-    if version > FORMAT_VERSION or version < 1:
-        raise CheckpointError(
-            f"{plan_file} has format version {version}; this masasurgery reads "
-            f"versions 1 to {FORMAT_VERSION}. Upgrade masasurgery to load it."
-        )
-    return _checkpoint_from_dict(directory, data)
+    return checkpoint_from_dict(directory, data, plan_file)
 
 
 # ---------------------------------------------------------------------------
@@ -476,131 +395,6 @@ def _safetensors() -> Any:
             "pip install safetensors"
         ) from e
     return safetensors.torch
-
-
-def _projection_dict(p: ProjectionPlan) -> dict[str, Any]:
-    data = asdict(p)
-    data["parts"] = [asdict(part) for part in p.parts]
-    return data
-
-
-# ---------------------------------------------------------------------------
-# Reading the plan file
-
-
-def _checkpoint_from_dict(directory: Path, data: dict[str, Any]) -> Checkpoint:
-    where = "the plan file"
-    plan = _field(data, "plan", dict, where)
-    dictionaries = _field(plan, "dictionaries", list, "plan")
-    projections = _field(plan, "projections", list, "plan")
-    aliases = _field(data, "aliases", dict, where)
-    if not all(isinstance(v, str) for v in [*aliases, *aliases.values()]):
-        raise CheckpointError(f"{where}: aliases must map strings to strings.")
-    return Checkpoint(
-        directory=directory,
-        model=_field(data, "model", str, where),
-        plan=RewritePlan(
-            dictionaries=tuple(_dictionary_plan(d) for d in dictionaries),
-            projections=tuple(_projection_plan(p) for p in projections),
-        ),
-        config=_config_from(data.get("config")),
-        aliases=dict(aliases),
-        format_version=data["format_version"],
-        masasurgery_version=str(data.get("masasurgery_version", "")),
-    )
-
-
-def _dictionary_plan(data: Any) -> DictionaryPlan:
-    where = "a plan dictionary"
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{where} must be an object, got {data!r}.")
-    return DictionaryPlan(
-        key=_name(data, "key", where),
-        role=_field(data, "role", str, where),
-        atoms=_count(data, "atoms", where, minimum=0),
-        out_features=_count(data, "out_features", where),
-        in_features=_count(data, "in_features", where),
-    )
-
-
-def _projection_plan(data: Any) -> ProjectionPlan:
-    if not isinstance(data, dict):
-        raise CheckpointError(f"a plan projection must be an object, got {data!r}.")
-    where = f"plan projection {data.get('target')!r}"
-    parts = []
-    for part in _field(data, "parts", list, where):
-        if not isinstance(part, dict):
-            raise CheckpointError(f"{where}: a part must be an object, got {part!r}.")
-        dictionary = part.get("dictionary")
-        if dictionary is not None and not isinstance(dictionary, str):
-            raise CheckpointError(
-                f"{where}: a part's dictionary must be a string or null, got "
-                f"{dictionary!r}."
-            )
-        rank = part.get("rank", 0)
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-            raise CheckpointError(
-                f"{where}: a part's rank must be a non-negative integer, got {rank!r}."
-            )
-        parts.append(
-            PartPlan(
-                _name(part, "name", where),
-                _count(part, "rows", where),
-                dictionary,
-                rank,
-            )
-        )
-    return ProjectionPlan(
-        target=_field(data, "target", str, where),
-        layout=_field(data, "layout", str, where),
-        in_features=_count(data, "in_features", where),
-        bias=_field(data, "bias", bool, where),
-        parts=tuple(parts),
-    )
-
-
-def _config_from(data: Any) -> MasaConfig | None:
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise CheckpointError(
-            f"the plan file's config must be an object, got {data!r}."
-        )
-    try:
-        return MasaConfig.from_dict(data)
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"the plan file's config is invalid: {e}") from e
-
-
-def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:
-    value = data.get(key)
-    # bool is an int in Python; a count must not be True
-    wrong = kind is int and isinstance(value, bool)
-    if not isinstance(value, kind) or wrong:
-        raise CheckpointError(
-            f"{where}: {key!r} must be a {kind.__name__}, got {value!r}; the plan "
-            "file is damaged or was not written by masasurgery.save."
-        )
-    return value
-
-
-def _count(data: dict[str, Any], key: str, where: str, minimum: int = 1) -> int:
-    value = _field(data, key, int, where)
-    if value < minimum:
-        raise CheckpointError(
-            f"{where}: {key!r} must be at least {minimum}, got {value}."
-        )
-    return value
-
-
-def _name(data: dict[str, Any], key: str, where: str) -> str:
-    # Module and parameter names: no dots, not empty
-    value = _field(data, key, str, where)
-    if not value or "." in value:
-        raise CheckpointError(
-            f"{where}: {key!r} must be a non-empty name without dots, got {value!r}."
-        )
-    return value
 
 
 # ---------------------------------------------------------------------------
