@@ -60,9 +60,9 @@ from masasurgery.params import TrainableSummary as TrainableSummary
 from masasurgery.params import param_groups as param_groups
 from masasurgery.params import parameter_kinds as parameter_kinds
 from masasurgery.params import set_trainable as set_trainable
-from masasurgery.passes.rewrite import RewritePlan as RewritePlan
-from masasurgery.passes.rewrite import plan_of as plan_of
-from masasurgery.passes.rewrite import rebuild as rebuild
+from masasurgery.passes.plans import RewritePlan as RewritePlan
+from masasurgery.passes.plans import plan_of as plan_of
+from masasurgery.passes.plans import rebuild as rebuild
 from masasurgery.scratch import InitSummary as InitSummary
 from masasurgery.scratch import init_dictionaries as init_dictionaries
 from masasurgery.stabilizer import StabilizerSummary as StabilizerSummary

@@ -2,7 +2,7 @@
 
 A checkpoint's ``masasurgery.json`` holds the format name and version, the
 conversion's options, the tied-tensor aliases and the plan
-(:class:`~masasurgery.passes.rewrite.RewritePlan`). :class:`Checkpoint` is that
+(:class:`~masasurgery.passes.plans.RewritePlan`). :class:`Checkpoint` is that
 file in memory; :func:`checkpoint_from_dict` reads it back, refusing anything
 malformed with a :class:`~masasurgery.errors.CheckpointError` that names the
 field. Saving and loading the weights are in :mod:`masasurgery.io`.
@@ -16,7 +16,7 @@ from typing import Any
 
 from masasurgery.config import MasaConfig
 from masasurgery.errors import CheckpointError, ConfigError
-from masasurgery.passes.rewrite import (
+from masasurgery.passes.plans import (
     DictionaryPlan,
     PartPlan,
     ProjectionPlan,

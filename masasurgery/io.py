@@ -6,7 +6,7 @@ A checkpoint is a folder of two files:
   once (the store registers each dictionary once); a tensor the model ties to
   another key (tied embeddings) is stored once and listed as an alias.
 * ``masasurgery.json``: the format version, the options of the conversion, the
-  aliases and the plan (:class:`~masasurgery.passes.rewrite.RewritePlan`): which
+  aliases and the plan (:class:`~masasurgery.passes.plans.RewritePlan`): which
   dictionaries exist and which parts make up each replaced projection, with its
   layout. That is enough to rebuild the converted structure on a freshly built
   original model, without running the analysis again.
@@ -38,14 +38,8 @@ from masasurgery.checkpoint import (
 )
 from masasurgery.config import ROLES, MasaConfig
 from masasurgery.errors import AlreadyConvertedError, CheckpointError
-from masasurgery.passes.rewrite import (
-    Rewrite,
-    RewritePlan,
-    plan_of,
-    restore,
-    skeleton,
-    swap_in,
-)
+from masasurgery.passes.plans import RewritePlan, plan_of, skeleton, swap_in
+from masasurgery.passes.rewrite import Rewrite, restore
 
 if TYPE_CHECKING:
     from masasurgery.convert import Conversion

@@ -22,12 +22,8 @@ from torch import nn
 from masasurgery._checks import check_module
 from masasurgery.errors import LayoutError
 from masasurgery.modules import SharedProjection, shallow_copy_as
-from masasurgery.passes.rewrite import (
-    STORE_NAME,
-    _set_submodule,
-    layout_of,
-    replaced_target,
-)
+from masasurgery.passes.plans import layout_of, replaced_target
+from masasurgery.passes.rewrite import STORE_NAME, _set_submodule
 
 __all__ = ["DENSE_BUILDERS", "Materialized", "materialize"]
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 from conftest import tiny_vit
-from masasurgery.passes.rewrite import plan_of
+from masasurgery.passes.plans import plan_of
 
 import masasurgery
 from masasurgery.checkpoint import FORMAT_VERSION, Checkpoint, checkpoint_from_dict

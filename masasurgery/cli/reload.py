@@ -36,7 +36,8 @@ from masasurgery.modules import SharedMultiheadAttention, SharedProjection
 from masasurgery.passes.find_attention import AttentionSite
 from masasurgery.passes.group import Group
 from masasurgery.passes.layouts import read_rows
-from masasurgery.passes.rewrite import Rewrite, RewritePlan, rebuild, restore
+from masasurgery.passes.plans import RewritePlan, rebuild
+from masasurgery.passes.rewrite import Rewrite, restore
 
 __all__ = ["Reloaded", "reload_conversion"]
 
