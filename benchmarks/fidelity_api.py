@@ -86,6 +86,9 @@ class CalibrationData:
         description: What the batches are, for the report.
         heal_lr: Learning rate of the healing row (AdamW on the shared
             parameters); DINOv2's features move at a tenth of MiniLM's.
+        readout: What the model's metric reads, ``readout(output, batch)``:
+            the features scored, or None for the logits (perplexity). Methods
+            that weigh errors by the readout's gradients use it.
     """
 
     batches: list[Any]
@@ -93,6 +96,7 @@ class CalibrationData:
     reference: nn.Module
     description: str
     heal_lr: float = 1e-4
+    readout: Callable[[Any, Any], torch.Tensor] | None = None
     _statistics: Calibration | None = field(default=None, repr=False)
     statistics_seconds: float = 0.0
 

@@ -145,6 +145,7 @@ def dinov2_setup(sizes: Sizes) -> ModelSetup:
             description=f"{len(calibration)} random crops ({size}px) of "
             f"{len(CALIBRATION_PHOTOS)} skimage photos",
             heal_lr=1e-5,
+            readout=_cls_features,
         ),
         metrics=(
             MetricSpec("cosine", "CLS cosine", higher_is_better=True, digits=4),
@@ -199,6 +200,7 @@ def minilm_setup(sizes: Sizes) -> ModelSetup:
             reference=model,
             description=f"{len(calibration)} sentences of {len(split.calibration)} "
             "Lee articles, batches of 16 of similar length",
+            readout=_sentence_embedding,
         ),
         metrics=(
             MetricSpec("cosine", "embedding cosine", higher_is_better=True, digits=4),
@@ -276,6 +278,19 @@ def _targets(model: nn.Module, suffixes: dict[str, str]) -> dict[str, str]:
             if name.endswith(suffix) and isinstance(module, nn.Linear):
                 targets[name] = role
     return targets
+
+
+def _cls_features(output, batch) -> Tensor:
+    """What DINOv2's score reads: the CLS features, normalised (cosine)."""
+    return F.normalize(output.pooler_output, dim=-1)
+
+
+def _sentence_embedding(output, batch: dict[str, Tensor]) -> Tensor:
+    """What MiniLM's score reads: the masked mean of the states, normalised."""
+    states = output.last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+    mean = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return F.normalize(mean, dim=-1)
 
 
 def _spread(items: list[str], count: int) -> list[str]:

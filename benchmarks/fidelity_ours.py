@@ -78,7 +78,7 @@ def fit_best(model: nn.Module, budget: Budget, data: CalibrationData) -> Fitted:
         keep_originals=False,
     )
     choices = {
-        key: (c.atoms, c.rank)
+        key: (c.atoms, c.rank if c.ranks is None else sum(c.ranks) / len(c.ranks))
         for key, c in conversion.compression.allocation.choices.items()
     }
     return Fitted(model, info=_info(plan, choices, plan_seconds))
@@ -125,6 +125,7 @@ def _plan(
         grouping=grouping,
         example_inputs=data.example,
         statistics=data.statistics(),
+        readout=data.readout,
     )
     _PLANS[key] = (data, plan)
     return plan, time.perf_counter() - start
@@ -138,7 +139,7 @@ def _info(
     runs = [len(g.sites) for g in plan.analysis.groups]
     per_role = {}
     for (_, role), (atoms, rank) in sorted(choices.items()):
-        per_role.setdefault(role, []).append(f"{atoms}a+r{rank}")
+        per_role.setdefault(role, []).append(f"{atoms}a+r{rank:.4g}")
     info: dict[str, object] = {"runs": "/".join(map(str, runs))}
     info |= {role: ",".join(v) for role, v in per_role.items()}
     if plan_seconds:

@@ -65,6 +65,8 @@ from masasurgery.passes.plans import plan_of as plan_of
 from masasurgery.passes.plans import rebuild as rebuild
 from masasurgery.scratch import InitSummary as InitSummary
 from masasurgery.scratch import init_dictionaries as init_dictionaries
+from masasurgery.sensitivity import Sensitivity as Sensitivity
+from masasurgery.sensitivity import collect_sensitivity as collect_sensitivity
 from masasurgery.stabilizer import StabilizerSummary as StabilizerSummary
 from masasurgery.stabilizer import add_coefficient_mlp as add_coefficient_mlp
 from masasurgery.stabilizer import fold_coefficient_mlp as fold_coefficient_mlp
@@ -106,6 +108,7 @@ __all__ = [
     "ParameterCount",
     "RewritePlan",
     "RoleFit",
+    "Sensitivity",
     "ShardPlan",
     "SharedConv1D",
     "SharedConv2d",
@@ -120,6 +123,7 @@ __all__ = [
     "analyze",
     "block_names",
     "collect_statistics",
+    "collect_sensitivity",
     "compress",
     "convert",
     "error_table",

@@ -11,12 +11,20 @@ minimises ``error + lam * parameters``; a bisection on ``lam`` finds the
 cheapest price whose choices fit. Then, while budget is left, the single
 upgrade that removes the most error per added parameter is taken (greedy
 fill). Cost: ``O(D * P * log(1/eps))`` for ``D`` dictionaries of ``P`` pairs.
+
+With ``per_layer=True`` each layer of a dictionary takes its own residual rank
+(the tables' ``layer_errors``): at a given price the layers choose apart, given
+the dictionary's atom count, and the fill raises one layer's rank at a time.
+With errors in the readout's units (:mod:`masasurgery.sensitivity`) that puts
+rank where the model is sensitive, layer by layer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+import torch
 
 from masasurgery.errors import ConfigError
 from masasurgery.fit_data import ErrorTable
@@ -32,10 +40,11 @@ class Choice:
 
     Attributes:
         atoms: Shared atoms.
-        rank: Residual rank of each layer.
+        rank: Residual rank of each layer (the largest, when they differ).
         parameters: What that costs (atoms, coefficients, residual factors).
         dense_parameters: What the layers' dense weights cost.
         error: Predicted output error (squared relative, summed over layers).
+        ranks: Each layer's residual rank, when chosen layer by layer.
     """
 
     atoms: int
@@ -43,6 +52,12 @@ class Choice:
     parameters: int
     dense_parameters: int
     error: float
+    ranks: tuple[int, ...] | None = None
+
+    @property
+    def layer_ranks(self) -> list[int] | int:
+        """What to fit: one rank per layer, or the one rank of every layer."""
+        return list(self.ranks) if self.ranks is not None else self.rank
 
 
 @dataclass
@@ -76,13 +91,18 @@ class Allocation:
 
 
 def solve_budget(
-    tables: Mapping[tuple[int, str], ErrorTable], budget: int
+    tables: Mapping[tuple[int, str], ErrorTable],
+    budget: int,
+    *,
+    per_layer: bool = False,
 ) -> Allocation:
     """Choose ``(atoms, rank)`` per dictionary to minimise error within ``budget``.
 
     Args:
         tables: The error table of each ``(group, role)``.
         budget: Most parameters the chosen fits may cost together.
+        per_layer: Let each layer take its own residual rank (the tables must
+            have ``layer_errors``).
 
     Returns:
         The choice of every dictionary.
@@ -100,6 +120,8 @@ def solve_budget(
         >>> allocation.parameters <= 60
         True
     """
+    if per_layer:
+        return _solve_per_layer(tables, budget)
     options = {key: _options(table) for key, table in tables.items()}
     cheapest = sum(min(o.parameters for o in opts) for opts in options.values())
     if cheapest > budget:
@@ -180,3 +202,105 @@ def _fill(
         if best_key is None:
             return picked
         picked[best_key] = best_choice
+
+
+# ---------------------------------------------------------------------------
+# Ranks layer by layer
+
+
+def _solve_per_layer(
+    tables: Mapping[tuple[int, str], ErrorTable], budget: int
+) -> Allocation:
+    missing = [key for key, t in tables.items() if t.layer_errors is None]
+    if missing:
+        raise ConfigError(
+            f"per_layer=True needs tables with layer_errors; {missing[0]} has none "
+            "(make it with masasurgery.fit_data.error_table)."
+        )
+    cheapest = sum(t.parameters(min(t.atoms), min(t.ranks)) for t in tables.values())
+    if cheapest > budget:
+        raise ConfigError(
+            f"the budget of {budget} parameters is below the cheapest fit "
+            f"({cheapest}); raise it, or leave some roles dense."
+        )
+
+    # Bisection on the price of a parameter, then the greedy fill
+    low, high = 0.0, max(t.errors.max().item() + 1.0 for t in tables.values())
+    best = {key: _pick_layers(t, high) for key, t in tables.items()}
+    for _ in range(_BISECTION_STEPS):
+        price = (low + high) / 2
+        picked = {key: _pick_layers(t, price) for key, t in tables.items()}
+        if _cost(picked) <= budget:
+            best, high = picked, price
+        else:
+            low = price
+    return Allocation(choices=_fill_layers(tables, best, budget), budget=budget)
+
+
+def _pick_layers(table: ErrorTable, price: float) -> Choice:
+    """The atom count and per-layer ranks least in ``error + price * cost``."""
+    out_features, in_features = table.shape
+    rank_cost = torch.tensor(table.ranks, dtype=torch.float64) * (
+        out_features + in_features
+    )
+    best, best_value = None, None
+    for i in range(len(table.atoms)):
+        indices = (table.layer_errors[i] + price * rank_cost).argmin(1)
+        choice = _layered_choice(table, i, indices.tolist())
+        value = (choice.error + price * choice.parameters, choice.parameters)
+        if best_value is None or value < best_value:
+            best, best_value = choice, value
+    return best
+
+
+def _layered_choice(table: ErrorTable, atom_index: int, indices: list[int]) -> Choice:
+    ranks = tuple(table.ranks[j] for j in indices)
+    out_features, in_features = table.shape
+    atoms = table.atoms[atom_index]
+    errors = table.layer_errors[atom_index]
+    return Choice(
+        atoms=atoms,
+        rank=max(ranks),
+        parameters=table.parameters(atoms, 0)
+        + sum(ranks) * (out_features + in_features),
+        dense_parameters=table.dense_parameters,
+        error=sum(errors[layer, j].item() for layer, j in enumerate(indices)),
+        ranks=ranks,
+    )
+
+
+def _fill_layers(
+    tables: Mapping[tuple[int, str], ErrorTable],
+    picked: dict[tuple[int, str], Choice],
+    budget: int,
+) -> dict[tuple[int, str], Choice]:
+    # One layer's rank one grid step up at a time, best error per parameter first
+    picked = dict(picked)
+    state = {
+        key: (
+            tables[key].atoms.index(c.atoms),
+            [tables[key].ranks.index(r) for r in c.ranks],
+        )
+        for key, c in picked.items()
+    }
+    while True:
+        left = budget - _cost(picked)
+        best, best_gain = None, 0.0
+        for key, (i, indices) in state.items():
+            table = tables[key]
+            width = sum(table.shape)
+            for layer, j in enumerate(indices):
+                if j + 1 >= len(table.ranks):
+                    continue
+                extra = (table.ranks[j + 1] - table.ranks[j]) * width
+                drop = (
+                    table.layer_errors[i, layer, j]
+                    - table.layer_errors[i, layer, j + 1]
+                ).item()
+                if 0 < extra <= left and drop > 0 and drop / extra > best_gain:
+                    best, best_gain = (key, layer), drop / extra
+        if best is None:
+            return picked
+        key, layer = best
+        state[key][1][layer] += 1
+        picked[key] = _layered_choice(tables[key], state[key][0], state[key][1])

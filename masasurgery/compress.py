@@ -3,13 +3,16 @@
 :func:`convert` shares every role with the same number of atoms, fitted to the
 weights. :func:`compress` spends a budget where the data says it matters:
 
-1. **calibrate**: ``X^T X`` of every projection's input (:mod:`.calibrate`);
+1. **calibrate**: ``X^T X`` of every projection's input (:mod:`.calibrate`)
+   and, with ``metric="fisher"`` (the default), ``G`` of the readout's
+   gradient at every projection's output (:mod:`.sensitivity`), so that every
+   error below is how far the model's readout moves;
 2. **group**: keep the structural groups, or cut them into runs of consecutive
    blocks (:mod:`.grouping`);
 3. **tabulate**: the output error of every ``(atoms, residual rank)`` choice of
    every dictionary (:func:`.fit_data.error_table`);
-4. **allocate**: one choice per dictionary, least total error within the budget
-   (:func:`.budget.solve_budget`);
+4. **allocate**: one atom count per dictionary and one residual rank per layer,
+   least total error within the budget (:func:`.budget.solve_budget`);
 5. **fit**: shared atoms in the output metric and per-layer whitened low-rank
    residuals (:func:`.fit_data.fit_calibrated`);
 6. **rewrite** and **verify**, as :func:`convert` does.
@@ -50,13 +53,19 @@ from masasurgery.inputs import resolve_inputs
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.group import Group
 from masasurgery.report import format_table
+from masasurgery.sensitivity import Readout, Sensitivity, collect_sensitivity
 from masasurgery.sequential import SequentialReport, refit_sequentially
+from masasurgery.whiten import Whitening, sensitivity_whitening
 
 __all__ = ["Compression", "CompressionPlan", "compress", "prepare_compression"]
 
 logger = logging.getLogger(__name__)
 
 GROUPINGS = ("structure", "divergence")
+
+#: What a fit keeps: the model's readout (``"fisher"``) or each projection's own
+#: output (``"output"``).
+METRICS = ("fisher", "output")
 
 
 @dataclass
@@ -65,9 +74,11 @@ class Compression:
 
     Attributes:
         target: The budget as the user gave it (``"ratio=0.3"``).
-        allocation: Atoms and residual rank of every dictionary, with the
-            predicted output error of each.
+        allocation: Atoms and residual ranks of every dictionary, with the
+            predicted error of each.
         grouping: ``"structure"`` or ``"divergence"``.
+        metric: ``"fisher"`` (errors in the readout's units) or ``"output"``
+            (relative errors of each projection's output).
         runs: The blocks of each group after grouping.
         seconds: Time of each step.
         sequential: What the sequential refit changed, when it ran.
@@ -79,22 +90,30 @@ class Compression:
     runs: list[list[str]]
     seconds: dict[str, float] = field(default_factory=dict)
     sequential: SequentialReport | None = None
+    metric: str = "output"
 
     def __str__(self) -> str:
         rows = [
-            [g, role, c.atoms, c.rank, f"{1 - c.parameters / c.dense_parameters:.1%}"]
-            + [f"{c.error:.4f}"]
+            [
+                g,
+                role,
+                c.atoms,
+                _ranks(c),
+                f"{1 - c.parameters / c.dense_parameters:.1%}",
+            ]
+            + [f"{c.error:.4g}"]
             for (g, role), c in _in_role_order(self.allocation.choices)
         ]
         a = self.allocation
+        error = "readout error" if self.metric == "fisher" else "output error"
         return "\n".join(
             [
                 f"Budget {self.target}: {a.parameters:,} of {a.dense_parameters:,} "
                 f"parameters ({a.compression:.1%} removed), grouping "
-                f"{self.grouping}, {len(self.runs)} groups",
+                f"{self.grouping}, {len(self.runs)} groups, metric {self.metric}",
                 "",
                 format_table(
-                    ["group", "role", "atoms", "rank", "removed", "output error"],
+                    ["group", "role", "atoms", "rank", "removed", error],
                     rows,
                 ),
             ]
@@ -106,6 +125,7 @@ class Compression:
         return {
             "target": self.target,
             "grouping": self.grouping,
+            "metric": self.metric,
             "runs": self.runs,
             "parameters": self.allocation.parameters,
             "dense_parameters": self.allocation.dense_parameters,
@@ -126,6 +146,14 @@ class Compression:
         }
 
 
+def _ranks(choice: Choice) -> str:
+    """``"12"``, or ``"4..20 (mean 11.3)"`` when the layers differ."""
+    if choice.ranks is None or len(set(choice.ranks)) == 1:
+        return str(choice.rank)
+    mean = sum(choice.ranks) / len(choice.ranks)
+    return f"{min(choice.ranks)}..{max(choice.ranks)} (mean {mean:.1f})"
+
+
 def _in_role_order(choices: dict[tuple[int, str], Choice]) -> list:
     """The choices by group, then in the order q, k, v, o."""
     return sorted(choices.items(), key=lambda kv: (kv[0][0], ROLES.index(kv[0][1])))
@@ -142,6 +170,8 @@ class CompressionPlan:
     Attributes:
         analysis: The analysis, with the groups after grouping.
         statistics: The input statistics of every projection.
+        sensitivity: The output-gradient statistics (``metric="fisher"``), or
+            None.
         tables: The error table of every ``(group, role)``.
         grouping: How the groups were cut.
         inputs: The example inputs (for capture and verification).
@@ -157,6 +187,11 @@ class CompressionPlan:
     inputs: Inputs = field(repr=False)
     seconds: dict[str, float] = field(default_factory=dict)
     batches: list[Any] | None = field(default=None, repr=False)
+    sensitivity: Sensitivity | None = field(default=None, repr=False)
+
+    @property
+    def metric(self) -> str:
+        return "output" if self.sensitivity is None else "fisher"
 
 
 def prepare_compression(
@@ -169,6 +204,11 @@ def prepare_compression(
     runs: int | None = None,
     example_inputs: Any | None = None,
     statistics: Calibration | None = None,
+    metric: str = "fisher",
+    readout: Readout | None = None,
+    loss: str | None = None,
+    probes: int = 4,
+    sensitivity: Sensitivity | None = None,
 ) -> CompressionPlan:
     """Analyse, calibrate, group and tabulate, without changing ``model``.
 
@@ -183,6 +223,16 @@ def prepare_compression(
         statistics: Statistics already collected on ``model`` (e.g. a
             :meth:`Calibration.load`), used instead of collecting them again
             while the batches still serve ``grouping="divergence"``.
+        metric: ``"fisher"``: weigh every error by how much it moves the
+            model's readout (:mod:`masasurgery.sensitivity`; one backward pass
+            per probe and batch). ``"output"``: by each projection's own output.
+        readout: For ``"fisher"``: what to keep close, from the model's output
+            and the batch; default its logits, last hidden state or output.
+        loss: For ``"fisher"``: ``"mse"`` or ``"kl"`` (logits); default by the
+            readout (:func:`masasurgery.sensitivity.collect_sensitivity`).
+        probes: For ``"fisher"``: probe vectors per batch.
+        sensitivity: For ``"fisher"``: statistics already collected, used
+            instead of running the batches.
 
     Returns:
         The plan; pass it to :func:`compress` in place of the calibration.
@@ -198,6 +248,8 @@ def prepare_compression(
     # Options and inputs
     if grouping not in GROUPINGS:
         raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
+    if metric not in METRICS:
+        raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}.")
     if not isinstance(calibration, Calibration):
         calibration = list(calibration)
     _check_model(model)
@@ -215,13 +267,22 @@ def prepare_compression(
     with clock("calibrate"):
         given = calibration if statistics is None else statistics
         stats = _statistics(model, analysis, given)
+    if metric == "fisher":
+        with clock("sensitivity"):
+            sensitivity = _sensitivity(
+                model, analysis, calibration, sensitivity, readout, loss, probes
+            )
+    else:
+        sensitivity = None
     with clock("group"):
         groups = _group(model, analysis, calibration, grouping, runs)
         analysis = replace(analysis, groups=groups)
     with clock("tabulate"):
-        tables = _tables(model, groups, roles, stats, residual)
+        tables = _tables(model, groups, roles, stats, sensitivity, residual)
     batches = calibration if isinstance(calibration, list) else None
-    return CompressionPlan(analysis, stats, tables, grouping, inputs, seconds, batches)
+    return CompressionPlan(
+        analysis, stats, tables, grouping, inputs, seconds, batches, sensitivity
+    )
 
 
 def compress(
@@ -240,6 +301,10 @@ def compress(
     verify: bool = True,
     device: torch.device | str | None = None,
     keep_originals: bool = True,
+    metric: str = "fisher",
+    readout: Readout | None = None,
+    loss: str | None = None,
+    probes: int = 4,
 ) -> Conversion:
     """Share the attention projections under a budget, fitted to data.
 
@@ -270,6 +335,18 @@ def compress(
         verify: Check the rewrite; on failure the model is restored.
         device: Where to verify.
         keep_originals: Keep the replaced projections in the record.
+        metric: ``"fisher"`` (default): every error is how far it moves the
+            model's readout, estimated from the readout's gradients on the
+            calibration batches, so the budget goes to the roles and layers the
+            model is sensitive to. ``"output"``: each projection's own output
+            error (no backward pass; for statistics without batches).
+        readout: For ``"fisher"``: what to keep close, ``readout(output,
+            batch) -> Tensor``; default the logits, the last hidden state or the
+            output itself. Give the features you use (e.g. a ViT's normalised
+            CLS token) for the best fit of those.
+        loss: For ``"fisher"``: ``"mse"`` or ``"kl"``; default ``"kl"`` for
+            logits, else ``"mse"``.
+        probes: For ``"fisher"``: probe vectors per calibration batch.
 
     Returns:
         The conversion; ``conversion.compression`` says what was chosen (and
@@ -302,6 +379,10 @@ def compress(
             grouping=grouping,
             runs=runs,
             example_inputs=example_inputs,
+            metric=metric,
+            readout=readout,
+            loss=loss,
+            probes=probes,
         )
     else:
         _check_model(model)
@@ -319,8 +400,9 @@ def compress(
     with clock("allocate"):
         allocation = _allocate(plan.tables, target)
     with clock("fit"):
-        fits = _fit(model, groups, plan.statistics, allocation)
-    allocation = _measured(allocation, fits)
+        fits = _fit(model, groups, plan, allocation)
+    if plan.sensitivity is None:
+        allocation = _measured(allocation, fits)
 
     # Rewrite and verify, as convert does
     most = max(c.atoms for c in allocation.choices.values())
@@ -338,6 +420,7 @@ def compress(
         runs=[g.blocks for g in groups],
         seconds=seconds,
         sequential=refit,
+        metric=plan.metric,
     )
     inputs = plan.inputs if example_inputs is None else example_inputs
     finish(model, conversion, inputs, verify, device, keep_originals)
@@ -413,6 +496,37 @@ def _statistics(
     return collect_statistics(model, calibration, targets)
 
 
+def _sensitivity(
+    model: nn.Module,
+    analysis: Analysis,
+    calibration: list | Calibration,
+    given: Sensitivity | None,
+    readout: Readout | None,
+    loss: str | None,
+    probes: int,
+) -> Sensitivity:
+    targets = sorted(
+        {p.target for g in analysis.groups for s in g.sites for p in s.projections}
+    )
+    if given is not None:
+        missing = [t for t in targets if t not in given]
+        if missing:
+            raise ConfigError(
+                f"the sensitivity has no statistics for {len(missing)} projections "
+                f"(first: {missing[0]!r}); collect them on this model."
+            )
+        return given
+    if isinstance(calibration, Calibration):
+        raise ConfigError(
+            "metric='fisher' runs the model on the calibration batches to see how "
+            "much each projection moves its readout, but got statistics alone; "
+            "pass the batches, a sensitivity=, or metric='output'."
+        )
+    return collect_sensitivity(
+        model, calibration, targets, readout=readout, loss=loss, probes=probes
+    )
+
+
 def _group(
     model: nn.Module,
     analysis: Analysis,
@@ -448,28 +562,56 @@ def _tables(
     groups: list[Group],
     roles: Sequence[str],
     stats: Calibration,
+    sensitivity: Sensitivity | None,
     residual: bool,
 ) -> dict[tuple[int, str], ErrorTable]:
     tables = {}
+    weighting = "energy" if sensitivity is None else "absolute"
     for group in groups:
         for role in group.roles:
             if role not in roles:
                 continue
-            weights, xtx = _role_data(model, group, role, stats)
+            weights, layers = _role_data(model, group, role, stats, sensitivity)
             ranks = _rank_grid(*weights[0].shape) if residual else [0]
             with torch.no_grad():
                 tables[group.index, role] = error_table(
-                    weights, xtx, _atom_grid(len(weights)), ranks
+                    weights,
+                    layers,
+                    _atom_grid(len(weights)),
+                    ranks,
+                    weighting=weighting,
                 )
     return tables
 
 
 def _role_data(
-    model: nn.Module, group: Group, role: str, stats: Calibration
-) -> tuple[list[Tensor], list[Tensor]]:
+    model: nn.Module,
+    group: Group,
+    role: str,
+    stats: Calibration,
+    sensitivity: Sensitivity | None,
+) -> tuple[list[Tensor], list[Tensor | Whitening]]:
+    """The role's weights, and each layer's ``X^T X`` or two-sided whitening."""
     weights = role_weights(model, group, role)
-    xtx = [stats[site.projection_of(role).target].xtx for site in group.sites]
-    return weights, xtx
+    layers: list[Tensor | Whitening] = []
+    for site in group.sites:
+        projection = site.projection_of(role)
+        inputs = stats[projection.target]
+        if sensitivity is None:
+            layers.append(inputs.xtx)
+            continue
+        start, stop = projection.roles[role]
+        gtg = sensitivity[projection.target][start:stop, start:stop]
+        layers.append(
+            sensitivity_whitening(
+                inputs.xtx,
+                inputs.tokens,
+                gtg,
+                sensitivity.probes,
+                name=f"{projection.target} ({role})",
+            )
+        )
+    return weights, layers
 
 
 def _atom_grid(num_layers: int) -> list[int]:
@@ -482,10 +624,10 @@ def _atom_grid(num_layers: int) -> list[int]:
 
 
 def _rank_grid(out_features: int, in_features: int) -> list[int]:
-    # Every rank up to 8, then steps of 4: one SVD per layer prices them all,
-    # and a fine grid lets the solver spend the budget to the last few rows
+    # Every rank up to 64, then steps of 2: one SVD per layer prices them all,
+    # and a fine grid lets the solver spend the budget layer by layer
     top = min(out_features, in_features)
-    return sorted({*range(min(top, 8) + 1), *range(8, top + 1, 4), top})
+    return sorted({*range(min(top, 64) + 1), *range(64, top + 1, 2), top})
 
 
 def _allocate(
@@ -506,7 +648,7 @@ def _allocate(
         return Allocation(choices, sum(c.parameters for c in choices.values()))
     dense = sum(t.dense_parameters for t in tables.values())
     budget = int((1.0 - value) * dense) if name == "ratio" else int(value)
-    return solve_budget(tables, budget)
+    return solve_budget(tables, budget, per_layer=True)
 
 
 def _measured(
@@ -523,12 +665,21 @@ def _measured(
 def _fit(
     model: nn.Module,
     groups: list[Group],
-    stats: Calibration,
+    plan: CompressionPlan,
     allocation: Allocation,
 ) -> dict[tuple[int, str], MatrixPCA]:
     fits = {}
+    weighting = "energy" if plan.sensitivity is None else "absolute"
     for (g, role), choice in allocation.choices.items():
-        weights, xtx = _role_data(model, groups[g], role, stats)
+        weights, layers = _role_data(
+            model, groups[g], role, plan.statistics, plan.sensitivity
+        )
         with torch.no_grad():
-            fits[g, role] = fit_calibrated(weights, xtx, choice.atoms, choice.rank)
+            fits[g, role] = fit_calibrated(
+                weights,
+                layers,
+                choice.atoms,
+                choice.layer_ranks,
+                weighting=weighting,
+            )
     return fits

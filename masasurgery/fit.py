@@ -62,6 +62,11 @@ class MatrixPCA:
             ``(L, out, r)``; ``reconstruct`` adds ``residual_up[l] @
             residual_down[l]``. Calibrated fits set it (``masasurgery.fit_data``).
         residual_down: Right factors, shape ``(L, r, in)``.
+        residual_ranks: Each layer's own residual rank when they differ (a
+            budget gives sensitive layers more); layer ``l`` uses the first
+            ``residual_ranks[l]`` columns of ``residual_up[l]`` and rows of
+            ``residual_down[l]``, the rest are zero padding. None: every layer
+            uses all ``r``.
     """
 
     atoms: Tensor
@@ -71,18 +76,34 @@ class MatrixPCA:
     requested_atoms: int
     residual_up: Tensor | None = None
     residual_down: Tensor | None = None
+    residual_ranks: tuple[int, ...] | None = None
 
     @property
     def residual_rank(self) -> int:
-        """Rank of each layer's residual (0 without one)."""
+        """Largest rank of a layer's residual (0 without one)."""
         return 0 if self.residual_down is None else self.residual_down.shape[1]
+
+    def layer_rank(self, layer: int) -> int:
+        """Rank of one layer's residual (0 without one)."""
+        if self.residual_ranks is not None:
+            return self.residual_ranks[layer]
+        return self.residual_rank
+
+    def residual(self, layer: int) -> tuple[Tensor, Tensor] | None:
+        """``(up, down)`` of one layer's residual, without padding, or None."""
+        rank = self.layer_rank(layer)
+        if not rank:
+            return None
+        return self.residual_up[layer, :, :rank], self.residual_down[layer, :rank]
 
     @property
     def num_parameters(self) -> int:
         """Atoms, coefficients and residual factors: what the fit costs."""
         count = self.atoms.numel() + self.coefficients.numel()
         if self.residual_down is not None:
-            count += self.residual_up.numel() + self.residual_down.numel()
+            out_features, in_features = self.atoms.shape[1:]
+            ranks = sum(self.layer_rank(i) for i in range(self.num_layers))
+            count += ranks * (out_features + in_features)
         return count
 
     @property
@@ -112,8 +133,9 @@ class MatrixPCA:
         Plus ``residual_up[layer] @ residual_down[layer]`` when the fit has one.
         """
         weight = torch.tensordot(self.coefficients[layer], self.atoms, dims=1)
-        if self.residual_down is not None:
-            up, down = self.residual_up[layer], self.residual_down[layer]
+        residual = self.residual(layer)
+        if residual is not None:
+            up, down = residual
             weight = torch.addmm(weight, up.to(weight.dtype), down.to(weight.dtype))
         return weight
 

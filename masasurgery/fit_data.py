@@ -21,6 +21,13 @@ cost of one (the atoms are nested, the coefficients share one Gram matrix per
 layer, and one SVD per layer and atom count gives every rank), so a budget can
 be spent where it removes the most error (:mod:`masasurgery.budget`).
 
+Every function takes, per layer, either ``X^T X`` or a ready
+:class:`~masasurgery.whiten.Whitening`: one made by
+:func:`~masasurgery.whiten.sensitivity_whitening` whitens the output side too,
+so every step above fits the model's readout instead of the projection's output
+(:mod:`masasurgery.sensitivity`), and ``weighting="absolute"`` keeps its errors
+in the readout's units.
+
 Everything runs in float64; the atoms, coefficients and residual factors are
 returned in the weights' dtype.
 """
@@ -36,6 +43,11 @@ from torch import Tensor
 from masasurgery.errors import FitError
 from masasurgery.fit import MatrixPCA, matrix_pca
 from masasurgery.whiten import Whitening, whitening
+
+#: Per layer: ``X^T X`` (input side only) or a ready whitening (either side)
+Statistic = Tensor | Whitening
+
+WEIGHTINGS = ("energy", "layer", "absolute")
 
 __all__ = [
     "ErrorTable",
@@ -56,9 +68,12 @@ class ErrorTable:
         ranks: The residual ranks tried (0: atoms alone).
         errors: ``errors[i, j]``: relative output error, squared, summed over the
             layers, with ``atoms[i]`` atoms and residual rank ``ranks[j]``.
-            ``sum_l ||(W_l - W^_l) R_l||^2 / ||W_l R_l||^2``; float64.
+            ``sum_l ||(W_l - W^_l) R_l||^2 / ||W_l R_l||^2``; float64. With
+            ``weighting="absolute"``, the errors themselves (readout units).
         shape: ``(out, in)`` of each layer's weight.
         num_layers: Layers sharing the dictionary (``L``).
+        layer_errors: ``layer_errors[i, l, j]``: layer ``l``'s share of
+            ``errors[i, j]``, so each layer can take its own rank.
     """
 
     atoms: list[int]
@@ -66,6 +81,7 @@ class ErrorTable:
     errors: Tensor
     shape: tuple[int, int]
     num_layers: int
+    layer_errors: Tensor | None = None
 
     def parameters(self, atoms: int, rank: int) -> int:
         """What ``atoms`` atoms and a rank-``rank`` residual per layer cost."""
@@ -84,28 +100,31 @@ class ErrorTable:
 
 def fit_calibrated(
     weights: Sequence[Tensor],
-    statistics: Sequence[Tensor],
+    statistics: Sequence[Statistic],
     atoms: int,
-    rank: int = 0,
+    rank: int | Sequence[int] = 0,
     *,
     shared_metric: str = "output",
-    weighting: str = "energy",
+    weighting: str | Tensor = "energy",
 ) -> MatrixPCA:
     """Fit shared atoms and per-layer residuals in the output metric.
 
     Args:
         weights: The ``L`` layer weights of one role, each ``(out, in)``.
         statistics: Each layer's input ``X^T X``, ``(in, in)``
-            (:func:`masasurgery.calibrate.collect_statistics`).
+            (:func:`masasurgery.calibrate.collect_statistics`), or its
+            whitening (:func:`masasurgery.whiten.sensitivity_whitening`).
         atoms: Shared atoms, at most ``L``; 0 keeps only the residuals (per-layer
             low rank).
-        rank: Rank of each layer's residual; 0 for none.
+        rank: Rank of each layer's residual (0 for none), or one per layer.
         shared_metric: ``"output"`` (steps 1-2 above) or ``"weight"``: plain
             Matrix PCA atoms and coefficients (the paper's pipeline), with the
             residual still fitted in the output metric.
         weighting: How layers count in the shared fit: ``"energy"`` (by their
-            output energy, so ``sum_l ||(W_l - W^_l) X_l||^2`` is minimised) or
-            ``"layer"`` (each layer's relative error alike).
+            output energy, so ``sum_l ||(W_l - W^_l) X_l||^2`` is minimised),
+            ``"absolute"`` (the same, for whitenings on one absolute scale),
+            ``"layer"`` (each layer's relative error alike), or a tensor of one
+            weight per layer.
 
     Returns:
         The fit; ``layer_errors`` are relative *output* errors
@@ -123,9 +142,10 @@ def fit_calibrated(
         (torch.Size([2, 8, 6]), torch.Size([4, 8, 1]), torch.Size([4, 1, 6]))
     """
     # Whitening of every layer and of their mean
-    dtype, num_layers = _check(weights, statistics, atoms, rank)
-    layers = [whitening(c, name=f"layer {i}") for i, c in enumerate(statistics)]
-    if atoms == num_layers and rank == 0:
+    ranks = _layer_ranks(rank, len(weights))
+    dtype, num_layers = _check(weights, statistics, atoms, max(ranks))
+    layers = _whitenings(statistics)
+    if atoms == num_layers and not any(ranks):
         # Lossless: the weights themselves are the atoms, exactly
         return matrix_pca(weights, atoms)
 
@@ -140,25 +160,51 @@ def fit_calibrated(
         basis = _Basis(plain.atoms, plain.eigenvalues)
     else:
         counts = _layer_weights(weights, layers, weighting)
-        basis = _whitened_atoms(weights, statistics, atoms, counts)
+        basis = _whitened_atoms(weights, layers, atoms, counts)
     coefficients, ups, downs, errors = [], [], [], []
     for index, (weight, layer) in enumerate(zip(weights, layers, strict=True)):
         given = None if plain is None else plain.coefficients[index]
-        fit = fit_layer(weight, layer, basis.atoms, rank, coefficients=given)
+        fit = fit_layer(weight, layer, basis.atoms, ranks[index], coefficients=given)
         coefficients.append(fit.coefficients)
         ups.append(fit.up)
         downs.append(fit.down)
         errors.append(fit.error)
 
+    up, down = _stack_residuals(ups, downs, ranks, dtype)
     return MatrixPCA(
         atoms=basis.atoms.to(dtype),
         coefficients=torch.stack(coefficients).to(dtype),
         eigenvalues=basis.eigenvalues,
         layer_errors=torch.stack(errors),
         requested_atoms=atoms,
-        residual_up=torch.stack(ups).to(dtype) if rank else None,
-        residual_down=torch.stack(downs).to(dtype) if rank else None,
+        residual_up=up,
+        residual_down=down,
+        residual_ranks=tuple(ranks) if len(set(ranks)) > 1 else None,
     )
+
+
+def _layer_ranks(rank: int | Sequence[int], num_layers: int) -> list[int]:
+    if isinstance(rank, int):
+        return [rank] * num_layers
+    ranks = [int(r) for r in rank]
+    if len(ranks) != num_layers:
+        raise FitError(f"need one rank per layer ({num_layers}), got {len(ranks)}.")
+    return ranks
+
+
+def _stack_residuals(
+    ups: list[Tensor], downs: list[Tensor], ranks: list[int], dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor | None]:
+    """The layers' residual factors, zero-padded to the largest rank."""
+    top = max(ranks)
+    if not top:
+        return None, None
+    up = ups[0].new_zeros(len(ups), ups[0].shape[0], top)
+    down = downs[0].new_zeros(len(downs), top, downs[0].shape[1])
+    for layer, rank in enumerate(ranks):
+        up[layer, :, :rank] = ups[layer]
+        down[layer, :rank] = downs[layer]
+    return up.to(dtype), down.to(dtype)
 
 
 @dataclass
@@ -221,17 +267,17 @@ def fit_layer(
 
 def error_table(
     weights: Sequence[Tensor],
-    statistics: Sequence[Tensor],
+    statistics: Sequence[Statistic],
     atoms: Sequence[int],
     ranks: Sequence[int],
     *,
-    weighting: str = "energy",
+    weighting: str | Tensor = "energy",
 ) -> ErrorTable:
     """The output error of :func:`fit_calibrated` for every ``(atoms, rank)``.
 
     Args:
         weights: The ``L`` layer weights of one role, each ``(out, in)``.
-        statistics: Each layer's input ``X^T X``.
+        statistics: Each layer's input ``X^T X``, or its whitening.
         atoms: Atom counts to try, each in ``0..L``.
         ranks: Residual ranks to try, each in ``0..min(out, in)``.
         weighting: As in :func:`fit_calibrated`; with ``"energy"`` each layer's
@@ -251,13 +297,13 @@ def error_table(
         True
     """
     _check(weights, statistics, max(atoms), max(ranks))
-    layers = [whitening(c, name=f"layer {i}") for i, c in enumerate(statistics)]
+    layers = _whitenings(statistics)
     counts = _layer_weights(weights, layers, weighting)
     most = max(atoms)
-    basis = _whitened_atoms(weights, statistics, most, counts) if most else None
+    basis = _whitened_atoms(weights, layers, most, counts) if most else None
 
     # One Gram matrix per layer; every atom count is a leading block of it
-    errors = torch.zeros(len(atoms), len(ranks), dtype=torch.float64)
+    errors = torch.zeros(len(atoms), len(weights), len(ranks), dtype=torch.float64)
     rank_index = torch.tensor(list(ranks), dtype=torch.long)
     for index, (weight, layer) in enumerate(zip(weights, layers, strict=True)):
         # float32 products: the table ranks choices, the fit itself is float64
@@ -267,7 +313,7 @@ def error_table(
             norm = norm / counts[index]
         mixed = None
         if basis is not None:
-            mixed = (basis.atoms.float() @ layer.factor.float()).flatten(1)
+            mixed = layer.apply(basis.atoms).float().flatten(1)
         for i, count in enumerate(atoms):
             left = target
             if count:
@@ -276,17 +322,18 @@ def error_table(
             spectrum = torch.linalg.svdvals(left).double().square()
             tail = spectrum.flip(0).cumsum(0).flip(0)  # tail[r] = sum_{i>=r}
             tail = torch.cat([tail, tail.new_zeros(1)])
-            errors[i] += tail[rank_index.clamp(max=tail.numel() - 1)] / norm
+            errors[i, index] = tail[rank_index.clamp(max=tail.numel() - 1)] / norm
     return ErrorTable(
         atoms=list(atoms),
         ranks=list(ranks),
-        errors=errors,
+        errors=errors.sum(1),
         shape=tuple(weights[0].shape),
         num_layers=len(weights),
+        layer_errors=errors,
     )
 
 
-def whitened_gram(weights: Sequence[Tensor], statistics: Sequence[Tensor]) -> Tensor:
+def whitened_gram(weights: Sequence[Tensor], statistics: Sequence[Statistic]) -> Tensor:
     """``G[i, j] = <W_i R, W_j R>`` of the normalised, whitened stack, float64.
 
     The diagonal is 1: the top eigenvalues of any principal block ``G[a:b, a:b]``
@@ -300,7 +347,9 @@ def whitened_gram(weights: Sequence[Tensor], statistics: Sequence[Tensor]) -> Te
         (torch.Size([3, 3]), True)
     """
     _check(weights, statistics, 0, 0)
-    flats = torch.stack([w.reshape(-1) for w in _normalised_stack(weights, statistics)])
+    layers = _whitenings(statistics)
+    stack = _normalised_stack(weights, _mean_whitening(layers))
+    flats = torch.stack([w.reshape(-1) for w in stack])
     return flats @ flats.T
 
 
@@ -312,52 +361,79 @@ class _Basis:
 
 def _whitened_atoms(
     weights: Sequence[Tensor],
-    statistics: Sequence[Tensor],
+    layers: Sequence[Whitening],
     atoms: int,
     layer_weights: Tensor | None = None,
 ) -> _Basis:
     """Matrix PCA of the normalised stack, whitened by the mean statistics."""
-    mean = _mean_whitening(statistics)
-    stack = _normalised_stack(weights, statistics, mean)
+    mean = _mean_whitening(layers)
+    stack = _normalised_stack(weights, mean)
     if layer_weights is not None:
         stack = [w * s.sqrt() for w, s in zip(stack, layer_weights, strict=True)]
     if atoms == 0:
         empty = torch.zeros(0, *weights[0].shape, dtype=torch.float64)
         return _Basis(empty, matrix_pca(stack, 1).eigenvalues)
-    fit = matrix_pca(stack, atoms)
+    # Atoms in eigen order, also at S = L, where matrix_pca would keep the
+    # weights themselves: the error table reads the leading atoms of one basis
+    # as the fit of every smaller count. A zero layer keeps S below the count.
+    fit = matrix_pca([*stack, torch.zeros_like(stack[0])], atoms)
     back = torch.stack([mean.unapply(a) for a in fit.atoms])
-    return _Basis(atoms=back, eigenvalues=fit.eigenvalues)
+    return _Basis(atoms=back, eigenvalues=fit.eigenvalues[: len(stack)])
 
 
 def _layer_weights(
-    weights: Sequence[Tensor], layers: Sequence[Whitening], weighting: str
+    weights: Sequence[Tensor], layers: Sequence[Whitening], weighting: str | Tensor
 ) -> Tensor | None:
-    """How much each layer's relative error counts: 1, or its output energy."""
+    """How much each layer's relative error counts: 1, its output energy, or
+    given (one non-negative number per layer, e.g. a measured sensitivity)."""
+    if isinstance(weighting, Tensor):
+        given = weighting.detach().double().flatten()
+        if given.numel() != len(weights) or not bool((given >= 0).all()):
+            raise FitError(
+                f"weighting as a tensor needs one non-negative number per layer "
+                f"({len(weights)}), got {tuple(weighting.shape)} "
+                f"(min {weighting.min().item():.3g})."
+            )
+        return given.clamp_min(1e-12)
     if weighting == "layer":
         return None
-    if weighting != "energy":
-        raise FitError(f"weighting must be 'layer' or 'energy', got {weighting!r}.")
+    if weighting not in WEIGHTINGS:
+        raise FitError(
+            f"weighting must be one of {WEIGHTINGS} or a tensor, got {weighting!r}."
+        )
     energy = torch.stack(
         [w.apply(x).square().sum() for x, w in zip(weights, layers, strict=True)]
     )
+    if weighting == "absolute":
+        return energy.clamp_min(1e-300)
     return energy / energy.mean().clamp_min(1e-300)
 
 
-def _mean_whitening(statistics: Sequence[Tensor]) -> Whitening:
-    # Mean of the per-layer statistics, each scaled to unit mean diagonal
-    scaled = [
-        c.double() / c.double().diagonal().mean().clamp_min(1e-300) for c in statistics
+def _whitenings(statistics: Sequence[Statistic]) -> list[Whitening]:
+    return [
+        s if isinstance(s, Whitening) else whitening(s, name=f"layer {i}")
+        for i, s in enumerate(statistics)
     ]
-    return whitening(sum(scaled) / len(scaled), name="the layers' mean input")
 
 
-def _normalised_stack(
-    weights: Sequence[Tensor],
-    statistics: Sequence[Tensor],
-    mean: Whitening | None = None,
-) -> list[Tensor]:
+def _mean_whitening(layers: Sequence[Whitening]) -> Whitening:
+    """One whitening for shared atoms: the mean of the layers' statistics, each
+    side scaled to unit mean diagonal first."""
+    right = _mean_gram([w.factor for w in layers])
+    mean = whitening(right, name="the layers' mean input")
+    if all(w.left is not None for w in layers):
+        left = whitening(_mean_gram([w.left for w in layers]), name="mean output")
+        mean.left = left.factor
+    return mean
+
+
+def _mean_gram(factors: Sequence[Tensor]) -> Tensor:
+    grams = [f @ f.T for f in factors]
+    return sum(g / g.diagonal().mean().clamp_min(1e-300) for g in grams) / len(grams)
+
+
+def _normalised_stack(weights: Sequence[Tensor], mean: Whitening) -> list[Tensor]:
     """Every layer whitened by the mean statistics and scaled to unit norm."""
-    mean = _mean_whitening(statistics) if mean is None else mean
     stack = []
     for weight in weights:
         whitened = mean.apply(weight)
@@ -368,7 +444,7 @@ def _normalised_stack(
 def _mix(atoms: Tensor, layer: Whitening) -> Tensor:
     """Each atom whitened by one layer's factor, flattened: ``(S, out * in)``."""
     count, out_features, in_features = atoms.shape
-    return (atoms @ layer.factor).reshape(count, out_features * in_features)
+    return layer.apply(atoms).reshape(count, out_features * in_features)
 
 
 def _solve_coefficients(mixed: Tensor, target: Tensor) -> Tensor:
@@ -386,13 +462,13 @@ def _residual(
     """Rank-``rank`` factors of the whitened residual, and the energy it misses."""
     u, s, vh = torch.linalg.svd(left, full_matrices=False)
     missed = s[rank:].square().sum()
-    up = u[:, :rank] * s[:rank]  # (out, r)
-    down = layer.unapply(vh[:rank])  # (r, in)
+    up = layer.unapply_left(u[:, :rank] * s[:rank])  # (out, r)
+    down = layer.unapply_right(vh[:rank])  # (r, in)
     return up, down, missed
 
 
 def _check(
-    weights: Sequence[Tensor], statistics: Sequence[Tensor], atoms: int, rank: int
+    weights: Sequence[Tensor], statistics: Sequence[Statistic], atoms: int, rank: int
 ) -> tuple[torch.dtype, int]:
     if not weights or len(weights) != len(statistics):
         raise FitError(
@@ -401,9 +477,15 @@ def _check(
         )
     out_features, in_features = weights[0].shape
     for i, (w, c) in enumerate(zip(weights, statistics, strict=True)):
-        if w.shape != weights[0].shape or c.shape != (in_features, in_features):
+        shape = tuple(c.factor.shape if isinstance(c, Whitening) else c.shape)
+        left = c.left if isinstance(c, Whitening) else None
+        if (
+            w.shape != weights[0].shape
+            or shape != (in_features, in_features)
+            or (left is not None and tuple(left.shape) != (out_features,) * 2)
+        ):
             raise FitError(
-                f"layer {i}: weight {tuple(w.shape)} and X^T X {tuple(c.shape)} do "
+                f"layer {i}: weight {tuple(w.shape)} and X^T X {shape} do "
                 f"not match layer 0's weight {tuple(weights[0].shape)}."
             )
     if not 0 <= atoms <= len(weights):

@@ -462,7 +462,7 @@ def _refit_part(conversion: Any, part: _Part, products: _Products) -> PartRefit:
     target = (solved / scale).T
 
     # Refit coefficients and residual; keep the old fit unless this one is better
-    rank = fit.residual_rank
+    rank = fit.layer_rank(part.layer)
     current = fit.reconstruct(part.layer).double()
     norm = layer.apply(target).norm().clamp_min(1e-300)
     before = (layer.apply(target - current).norm() / norm).item()
@@ -481,8 +481,9 @@ def _write(
     proj = conversion.rewrite.replacements[part.target]
     fit.coefficients[part.layer] = coefficients.to(fit.coefficients.dtype)
     proj.coefficients[part.role].copy_(coefficients.to(fit.coefficients.dtype))
-    if fit.residual_rank:
-        fit.residual_up[part.layer] = up.to(fit.residual_up.dtype)
-        fit.residual_down[part.layer] = down.to(fit.residual_down.dtype)
+    rank = fit.layer_rank(part.layer)
+    if rank:
+        fit.residual_up[part.layer, :, :rank] = up.to(fit.residual_up.dtype)
+        fit.residual_down[part.layer, :rank] = down.to(fit.residual_down.dtype)
         proj.residual_up[part.role].copy_(up.to(fit.residual_up.dtype))
         proj.residual_down[part.role].copy_(down.to(fit.residual_down.dtype))

@@ -173,12 +173,9 @@ def _build(
         if (group, role) in fits:
             fit = fits[group, role]
             coefficients = fit.coefficients[layer].clone()
-            residual = None
-            if fit.residual_down is not None:
-                residual = (
-                    fit.residual_up[layer].clone(),
-                    fit.residual_down[layer].clone(),
-                )
+            residual = fit.residual(layer)
+            if residual is not None:
+                residual = (residual[0].clone(), residual[1].clone())
             new.add_shared(role, store[store_key(group, role)], coefficients, residual)
             for params in (new.coefficients, new.residual_up, new.residual_down):
                 if role in params:

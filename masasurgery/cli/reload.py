@@ -29,7 +29,7 @@ from torch import nn
 
 from masasurgery.analyze import Analysis, analyze
 from masasurgery.convert import Conversion, ParameterCount, RoleFit
-from masasurgery.errors import CheckpointError, LayoutError
+from masasurgery.errors import CheckpointError
 from masasurgery.fit import MatrixPCA, matrix_pca
 from masasurgery.io import Checkpoint, load, read_checkpoint
 from masasurgery.modules import SharedMultiheadAttention, SharedProjection
@@ -66,8 +66,6 @@ def reload_conversion(
     Raises:
         CheckpointError: The checkpoint holds no conversion, or its projections
             are not attention projections of ``model``.
-        LayoutError: The blocks of one dictionary have residuals of different
-            ranks, which a fit record cannot hold.
     """
     # Steps: read, analyse and group the original, rebuild and load, records
     checkpoint = read_checkpoint(directory)
@@ -157,17 +155,13 @@ def _fit(done: Rewrite, group: Group, role: str, key: str) -> MatrixPCA:
         projection = site.projection_of(role)
         module = _shared_part(done.replacements[projection.target])
         coefficients.append(module.coefficients[role].detach())
-        if module.residual_rank(role):
-            ups.append(module.residual_up[role].detach())
-            downs.append(module.residual_down[role].detach())
+        ups.append(_residual_part(module, role, "residual_up"))
+        downs.append(_residual_part(module, role, "residual_down"))
         start, stop = projection.roles[role]
         original = done.originals[projection.target]
         originals.append(read_rows(original, projection.layout, start, stop))
-    if ups and (len(ups) < len(originals) or len({d.shape for d in downs}) > 1):
-        raise LayoutError(
-            f"the blocks of dictionary {key} have residuals of different ranks; "
-            "verifying such a checkpoint is not supported yet."
-        )
+    ranks = tuple(0 if d is None else d.shape[0] for d in downs)
+    residual_up, residual_down = _padded(ups, downs, ranks)
 
     atoms = done.store[key].atoms.detach()
     with torch.no_grad():
@@ -178,11 +172,40 @@ def _fit(done: Rewrite, group: Group, role: str, key: str) -> MatrixPCA:
         eigenvalues=eigenvalues,
         layer_errors=eigenvalues.new_zeros(len(originals)),
         requested_atoms=atoms.shape[0],
-        residual_up=torch.stack(ups) if ups else None,
-        residual_down=torch.stack(downs) if downs else None,
+        residual_up=residual_up,
+        residual_down=residual_down,
+        residual_ranks=ranks if len(set(ranks)) > 1 else None,
     )
     fit.layer_errors = _layer_errors(fit, originals)
     return fit
+
+
+def _residual_part(
+    module: SharedProjection, role: str, name: str
+) -> torch.Tensor | None:
+    if not module.residual_rank(role):
+        return None
+    return getattr(module, name)[role].detach()
+
+
+def _padded(
+    ups: list[torch.Tensor | None],
+    downs: list[torch.Tensor | None],
+    ranks: tuple[int, ...],
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Residuals of every block, zero-padded to the largest rank, stacked."""
+    top = max(ranks, default=0)
+    if not top:
+        return None, None
+    shown = next(i for i, r in enumerate(ranks) if r)
+    rows, columns = ups[shown].shape[0], downs[shown].shape[1]
+    up = ups[shown].new_zeros(len(ranks), rows, top)
+    down = downs[shown].new_zeros(len(ranks), top, columns)
+    for layer, rank in enumerate(ranks):
+        if rank:
+            up[layer, :, :rank] = ups[layer]
+            down[layer, :rank] = downs[layer]
+    return up, down
 
 
 def _shared_part(module: nn.Module) -> SharedProjection:
