@@ -392,6 +392,12 @@ def compress(
             f"{'the plan was' if calibration is plan else 'it was'} made from "
             "statistics alone; pass the batches (or a plan prepared from them)."
         )
+    if sequential and plan.sensitivity is not None:
+        # TODO: refit against the readout too (G of the compressed blocks' outputs)
+        raise NotImplementedError(
+            "sequential=True refits each projection's own output error, not the "
+            "readout that metric='fisher' fitted; use metric='output' with it."
+        )
     seconds = dict(plan.seconds)
     clock = _Clock(seconds)
 

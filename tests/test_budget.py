@@ -67,3 +67,37 @@ def test_a_budget_below_the_cheapest_fit_is_refused():
     tables = _tables()
     with pytest.raises(ConfigError, match="below the cheapest fit"):
         solve_budget(tables, -1)
+
+
+@pytest.mark.parametrize("budget", [150, 250, 400])
+def test_per_layer_ranks_stay_within_budget_and_never_lose_to_one_rank(budget):
+    tables = _tables(seed=3)
+    uniform = solve_budget(tables, budget)
+    layered = solve_budget(tables, budget, per_layer=True)
+    assert layered.parameters <= budget
+    assert layered.error <= uniform.error + 1e-12
+    for key, choice in layered.choices.items():
+        table = tables[key]
+        expected = table.parameters(choice.atoms, 0) + sum(choice.ranks) * sum(
+            table.shape
+        )
+        assert choice.parameters == expected
+        assert choice.error == pytest.approx(
+            sum(
+                table.layer_errors[table.atoms.index(choice.atoms), layer, j].item()
+                for layer, j in enumerate(table.ranks.index(r) for r in choice.ranks)
+            )
+        )
+
+
+def test_a_sensitive_layer_gets_more_rank():
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(8, 6, generator=g) for _ in range(3)]
+    xs = [torch.randn(40, 6, generator=g) for _ in ws]
+    xs[1] = xs[1] * 10  # layer 1's output carries 100x the energy
+    table = error_table(ws, [x.T @ x for x in xs], [0], list(range(7)))
+    table.errors = table.layer_errors.sum(1)
+    # Energy weighting counts layer 1's error 100x: it gets the rank
+    allocation = solve_budget({(0, "q"): table}, 4 * 14, per_layer=True)
+    ranks = allocation.choices[0, "q"].ranks
+    assert ranks[1] > ranks[0] and ranks[1] > ranks[2]

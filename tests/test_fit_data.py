@@ -6,6 +6,7 @@ import torch
 from masasurgery.errors import FitError
 from masasurgery.fit import matrix_pca
 from masasurgery.fit_data import error_table, fit_calibrated, whitened_gram
+from masasurgery.whiten import whitening
 
 
 def _problem(layers=6, out=10, inp=8, tokens=400, seed=0):
@@ -138,3 +139,51 @@ def test_bad_inputs_fail_clearly():
         fit_calibrated(weights, [torch.eye(5)] * 3, 1)
     with pytest.raises(FitError, match="shared_metric"):
         fit_calibrated(weights, xtx, 1, shared_metric="loss")
+
+
+def test_the_table_prices_every_atom_count_as_its_fit_does():
+    # Including a grid that ends at S = L, whose basis must stay in eigen order
+    weights, xs = _problem(layers=5)
+    stats = [x.T @ x for x in xs]
+    table = error_table(weights, stats, atoms=[0, 2, 3, 5], ranks=[0, 2])
+    for i, atoms in enumerate(table.atoms):
+        for j, rank in enumerate(table.ranks):
+            fit = fit_calibrated(weights, stats, atoms, rank)
+            measured = fit.layer_errors.square() * _energy_weights(weights, xs)
+            assert table.errors[i, j].item() == pytest.approx(
+                measured.sum().item(), rel=1e-4, abs=1e-9
+            ), (atoms, rank)
+            torch.testing.assert_close(
+                table.layer_errors[i, :, j], measured, rtol=1e-4, atol=1e-9
+            )
+
+
+def _energy_weights(weights, xs):
+    # As "energy" weighting counts them: in each layer's whitened space
+    energy = torch.stack(
+        [
+            whitening(x.T @ x).apply(w).square().sum()
+            for w, x in zip(weights, xs, strict=True)
+        ]
+    )
+    return energy / energy.mean()
+
+
+def test_per_layer_ranks_fit_each_layer_at_its_own_rank():
+    weights, xs = _problem(layers=4)
+    stats = [x.T @ x for x in xs]
+    fit = fit_calibrated(weights, stats, atoms=1, rank=[0, 2, 5, 1])
+    assert fit.residual_ranks == (0, 2, 5, 1)
+    assert fit.residual_rank == 5
+    assert fit.residual(0) is None
+    up, down = fit.residual(2)
+    assert up.shape == (10, 5) and down.shape == (5, 8)
+    out, inp = weights[0].shape
+    assert fit.num_parameters == out * inp + 4 + (2 + 5 + 1) * (out + inp)
+
+    # Each layer matches the fit of that one rank for every layer
+    for layer, rank in enumerate((0, 2, 5, 1)):
+        alone = fit_calibrated(weights, stats, atoms=1, rank=rank)
+        torch.testing.assert_close(fit.reconstruct(layer), alone.reconstruct(layer))
+    with pytest.raises(FitError, match="one rank per layer"):
+        fit_calibrated(weights, stats, atoms=1, rank=[1, 2])

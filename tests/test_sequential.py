@@ -32,7 +32,7 @@ def _outputs(model, target, batches):
 def test_the_refit_lowers_each_projection_error_against_the_original():
     original = tiny_vit(depth=4)
     data = _images()
-    plan = prepare_compression(original, data)
+    plan = prepare_compression(original, data, metric="output")
     plain, refitted = copy.deepcopy(original), copy.deepcopy(original)
     compress(plain, plan, ratio=0.6, verify=False)
     conversion = compress(refitted, plan, ratio=0.6, sequential=True)
@@ -60,7 +60,9 @@ def test_the_first_projections_keep_their_fit_and_the_output_one_improves():
     # exists; its output projection reads what the compressed q, k, v give
     original = tiny_vit(depth=3)
     data = _images(count=3)
-    conversion = compress(copy.deepcopy(original), data, ratio=0.5, sequential=True)
+    conversion = compress(
+        copy.deepcopy(original), data, ratio=0.5, sequential=True, metric="output"
+    )
     parts = conversion.compression.sequential.parts
     qkv = [p for p in parts if p.target == "blocks.0.attn.qkv"]
     assert [p.role for p in qkv] == ["q", "k", "v"]
@@ -72,7 +74,7 @@ def test_the_first_projections_keep_their_fit_and_the_output_one_improves():
 def test_a_stage_boundary_starts_a_new_chain():
     model = Stack(depths=(2, 2), dims=(32, 48)).eval()
     data = [torch.randn(2, 6, 32) for _ in range(3)]
-    conversion = compress(model, data, ratio=0.5, sequential=True)
+    conversion = compress(model, data, ratio=0.5, sequential=True, metric="output")
     report = conversion.compression.sequential
     assert report.chains == ["stages.0.0", "stages.1.0"]
     assert conversion.verification.rewrite_exact
@@ -96,7 +98,7 @@ def test_transformers_blocks_take_their_recorded_keywords(family):
         config = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64)
         model = GPT2LMHeadModel(config).eval()
     data = [{"input_ids": torch.randint(0, 64, (2, 12))} for _ in range(3)]
-    conversion = compress(model, data, ratio=0.5, sequential=True)
+    conversion = compress(model, data, ratio=0.5, sequential=True, metric="output")
     report = conversion.compression.sequential
     assert len(report.blocks) == 4 and len(report.chains) == 1
     assert report.parts and not report.skipped
@@ -106,8 +108,10 @@ def test_transformers_blocks_take_their_recorded_keywords(family):
 def test_a_plan_from_statistics_alone_is_refused():
     original = tiny_vit(depth=2)
     data = _images(count=2)
-    statistics = prepare_compression(original, data).statistics
-    plan = prepare_compression(original, statistics, example_inputs=data[0])
+    statistics = prepare_compression(original, data, metric="output").statistics
+    plan = prepare_compression(
+        original, statistics, example_inputs=data[0], metric="output"
+    )
     state = snapshot(original)
     with pytest.raises(ConfigError, match="sequential=True runs the model"):
         compress(original, plan, ratio=0.5, sequential=True)
@@ -116,7 +120,7 @@ def test_a_plan_from_statistics_alone_is_refused():
 
 def test_a_failing_refit_leaves_the_model_as_it_was():
     original = tiny_vit(depth=3)
-    plan = prepare_compression(original, _images(count=2))
+    plan = prepare_compression(original, _images(count=2), metric="output")
     plan.batches.append(torch.randn(2, 3, 48, 48))  # not the model's size
     state = snapshot(original)
     with pytest.raises(ModelRunError, match="sequential refit"):
