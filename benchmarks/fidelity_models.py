@@ -65,9 +65,9 @@ class Sizes:
     """How much data each model gets; ``--quick`` uses the small one."""
 
     image_size: int = 224
-    calibration_crops: int = 2  # per calibration photo
+    calibration_crops: int = 6  # per calibration photo
     evaluation_crops: int = 1  # per evaluation photo, besides the whole photo
-    calibration_sentences: int = 256
+    calibration_sentences: int = 1024
     evaluation_sentences: int = 256
     window: int = 256  # tokens, BOS included
     calibration_windows: int = 24

@@ -483,19 +483,29 @@ def _target(
     return f"{name}={value}", value
 
 
+def _targets(analysis: Analysis) -> list[str]:
+    return sorted(
+        {p.target for g in analysis.groups for s in g.sites for p in s.projections}
+    )
+
+
+def _check_covers(
+    statistics: Calibration | Sensitivity, targets: list[str], what: str
+) -> None:
+    missing = [t for t in targets if t not in statistics]
+    if missing:
+        raise ConfigError(
+            f"the {what} has no statistics for {len(missing)} projections "
+            f"(first: {missing[0]!r}); collect them on this model."
+        )
+
+
 def _statistics(
     model: nn.Module, analysis: Analysis, calibration: list | Calibration
 ) -> Calibration:
-    targets = sorted(
-        {p.target for g in analysis.groups for s in g.sites for p in s.projections}
-    )
+    targets = _targets(analysis)
     if isinstance(calibration, Calibration):
-        missing = [t for t in targets if t not in calibration]
-        if missing:
-            raise ConfigError(
-                f"the calibration has no statistics for {len(missing)} projections "
-                f"(first: {missing[0]!r}); collect them on this model."
-            )
+        _check_covers(calibration, targets, "calibration")
         return calibration
     if not calibration:
         raise ConfigError("compress needs calibration batches, got none.")
@@ -511,16 +521,9 @@ def _sensitivity(
     loss: str | None,
     probes: int,
 ) -> Sensitivity:
-    targets = sorted(
-        {p.target for g in analysis.groups for s in g.sites for p in s.projections}
-    )
+    targets = _targets(analysis)
     if given is not None:
-        missing = [t for t in targets if t not in given]
-        if missing:
-            raise ConfigError(
-                f"the sensitivity has no statistics for {len(missing)} projections "
-                f"(first: {missing[0]!r}); collect them on this model."
-            )
+        _check_covers(given, targets, "sensitivity")
         return given
     if isinstance(calibration, Calibration):
         raise ConfigError(
