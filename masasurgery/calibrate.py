@@ -327,7 +327,7 @@ def _run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
         for batch in _as_inputs(batches):
             try:
                 model(*batch.args, **batch.kwargs)
-            except (RuntimeError, TypeError, ValueError) as e:
+            except (AssertionError, RuntimeError, TypeError, ValueError) as e:
                 raise ModelRunError(
                     f"{type(model).__name__} failed on calibration batch {count}: {e}"
                 ) from e

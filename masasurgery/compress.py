@@ -79,6 +79,8 @@ class Compression:
         grouping: ``"structure"`` or ``"divergence"``.
         metric: ``"fisher"`` (errors in the readout's units) or ``"output"``
             (relative errors of each projection's output).
+        loss: With ``"fisher"``: the readout metric the probes stood for
+            (``"mse"`` or ``"kl"``).
         runs: The blocks of each group after grouping.
         seconds: Time of each step.
         sequential: What the sequential refit changed, when it ran.
@@ -91,6 +93,7 @@ class Compression:
     seconds: dict[str, float] = field(default_factory=dict)
     sequential: SequentialReport | None = None
     metric: str = "output"
+    loss: str | None = None
 
     def __str__(self) -> str:
         rows = [
@@ -110,7 +113,8 @@ class Compression:
             [
                 f"Budget {self.target}: {a.parameters:,} of {a.dense_parameters:,} "
                 f"parameters ({a.compression:.1%} removed), grouping "
-                f"{self.grouping}, {len(self.runs)} groups, metric {self.metric}",
+                f"{self.grouping}, {len(self.runs)} groups, metric {self.metric}"
+                + (f" ({self.loss} of the readout)" if self.loss else ""),
                 "",
                 format_table(
                     ["group", "role", "atoms", "rank", "removed", error],
@@ -126,6 +130,7 @@ class Compression:
             "target": self.target,
             "grouping": self.grouping,
             "metric": self.metric,
+            "loss": self.loss,
             "runs": self.runs,
             "parameters": self.allocation.parameters,
             "dense_parameters": self.allocation.dense_parameters,
@@ -250,6 +255,11 @@ def prepare_compression(
         raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
     if metric not in METRICS:
         raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}.")
+    if metric == "output" and (readout, loss, sensitivity) != (None, None, None):
+        raise ConfigError(
+            "readout=, loss= and sensitivity= serve metric='fisher', but "
+            "metric='output' was asked for; drop them, or use metric='fisher'."
+        )
     if not isinstance(calibration, Calibration):
         calibration = list(calibration)
     _check_model(model)
@@ -427,6 +437,7 @@ def compress(
         seconds=seconds,
         sequential=refit,
         metric=plan.metric,
+        loss=None if plan.sensitivity is None else plan.sensitivity.loss,
     )
     inputs = plan.inputs if example_inputs is None else example_inputs
     finish(model, conversion, inputs, verify, device, keep_originals)
@@ -650,7 +661,7 @@ def _allocate(
                 rank=0,
                 parameters=t.parameters(min(value, t.num_layers), 0),
                 dense_parameters=t.dense_parameters,
-                error=float("nan"),
+                error=_table_error(t, min(value, t.num_layers), 0),
             )
             for key, t in tables.items()
         }
@@ -658,6 +669,13 @@ def _allocate(
     dense = sum(t.dense_parameters for t in tables.values())
     budget = int((1.0 - value) * dense) if name == "ratio" else int(value)
     return solve_budget(tables, budget, per_layer=True)
+
+
+def _table_error(table: ErrorTable, atoms: int, rank: int) -> float:
+    # The table's own figure where it priced this pair (the fit's otherwise)
+    if atoms not in table.atoms or rank not in table.ranks:
+        return float("nan")
+    return table.errors[table.atoms.index(atoms), table.ranks.index(rank)].item()
 
 
 def _measured(

@@ -31,6 +31,7 @@ with a ``cache_dir``, as :func:`masasurgery.calibrate.collect_statistics` has.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from masasurgery.calibrate import _projection_module
-from masasurgery.errors import ConfigError, ModelRunError
+from masasurgery.errors import ConfigError, MasaWarning, ModelRunError
 from masasurgery.passes.capture import Inputs
 
 __all__ = ["LOSSES", "Sensitivity", "collect_sensitivity", "default_readout"]
@@ -154,6 +155,13 @@ def collect_sensitivity(
         raise ConfigError(f"probes must be a positive integer, got {probes!r}.")
     modules = {t: _module(model, t) for t in targets}
     readout = default_readout if readout is None else readout
+    if model.training:
+        warnings.warn(
+            f"{type(model).__name__} is in train mode: dropout makes the "
+            "sensitivity noisy and unlike inference; call model.eval() first.",
+            MasaWarning,
+            stacklevel=2,
+        )
     generator = torch.Generator().manual_seed(seed)
 
     # One forward with autograd per batch, ``probes`` backward passes
@@ -188,7 +196,7 @@ def _one_batch(
     with torch.enable_grad():
         try:
             output = model(*inputs.args, **inputs.kwargs)
-        except (RuntimeError, TypeError, ValueError) as e:
+        except (AssertionError, RuntimeError, TypeError, ValueError) as e:
             raise ModelRunError(
                 f"{type(model).__name__} failed on calibration batch "
                 f"{used['batches']}: {e}"
@@ -196,6 +204,7 @@ def _one_batch(
         y = readout(output, batch)
         if used["loss"] is None:
             used["loss"] = "kl" if getattr(output, "logits", None) is y else "mse"
+        _check_readout(y, used["loss"])
         names = [name for name, _ in taps.outputs]
         tensors = [tensor for _, tensor in taps.outputs]
         for index in range(probes):
@@ -208,6 +217,28 @@ def _one_batch(
             )
             _add(gtg, names, tensors, grads)
     used["batches"] += 1
+
+
+def _check_readout(y: Any, loss: str) -> None:
+    if not isinstance(y, Tensor) or not y.is_floating_point():
+        got = type(y).__name__ if not isinstance(y, Tensor) else f"a {y.dtype} tensor"
+        raise ConfigError(
+            f"the readout must return a floating-point tensor computed from the "
+            f"model's output, got {got}; e.g. readout=lambda output, batch: "
+            "output.last_hidden_state."
+        )
+    if not y.requires_grad:
+        raise ConfigError(
+            "the readout's tensor does not depend on the model's output (no "
+            "gradient reaches it: detached, or made anew); return a tensor "
+            "computed from the output, without .detach() or torch.no_grad()."
+        )
+    if loss == "kl" and y.dim() < 1:
+        raise ConfigError(
+            "loss='kl' reads the readout as logits with classes on the last axis, "
+            f"got a tensor of shape {tuple(y.shape)}; return the logits, or use "
+            "loss='mse'."
+        )
 
 
 def _probe(y: Tensor, loss: str, generator: torch.Generator) -> Tensor:

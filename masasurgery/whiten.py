@@ -166,9 +166,13 @@ def sensitivity_whitening(
     """
     right = whitening(xtx, name=name)
     g = gtg.double()
-    if g.dim() != 2 or g.shape[0] != g.shape[1] or not torch.isfinite(g).all():
+    if g.dim() != 2 or g.shape[0] != g.shape[1]:
+        raise FitError(f"G of {name} must be a square matrix, got {tuple(g.shape)}.")
+    if not torch.isfinite(g).all():
         raise FitError(
-            f"G of {name} must be a finite square matrix, got {tuple(g.shape)}."
+            f"G of {name} has inf or nan entries: the readout's gradients "
+            "overflowed; read a tensor of moderate scale (e.g. normalised "
+            "features or logits) and check the inputs."
         )
     g_scale = g.diagonal().mean()
     if not g_scale > 0:

@@ -184,7 +184,10 @@ def test_fisher_ranks_differ_per_layer_and_survive_save_load_and_verify(tmp_path
     model = copy.deepcopy(original)
     conversion = compress(model, _data(), ratio=0.5)
     assert conversion.compression.metric == "fisher"
-    assert "metric fisher" in str(conversion.compression)
+    assert "metric fisher (mse of the readout)" in str(conversion.compression)
+    assert conversion.compression.to_dict()["loss"] == "mse"
+    fixed = compress(copy.deepcopy(original), _data(), atoms=2, verify=False)
+    assert all(c.error > 0 for c in fixed.compression.allocation.choices.values())
     assert "readout error" in str(conversion.compression)
     ranks = [c.ranks for c in conversion.compression.allocation.choices.values()]
     assert any(r is not None and len(set(r)) > 1 for r in ranks)
@@ -210,6 +213,8 @@ def test_fisher_needs_batches_or_sensitivity_and_refuses_sequential():
         prepare_compression(original, statistics, example_inputs=data[0])
     with pytest.raises(ConfigError, match="metric must be one of"):
         prepare_compression(original, data, metric="weights")
+    with pytest.raises(ConfigError, match="serve metric='fisher'"):
+        prepare_compression(original, data, metric="output", loss="kl")
     state = snapshot(original)
     with pytest.raises(NotImplementedError, match="metric='output'"):
         compress(original, data, ratio=0.5, sequential=True)

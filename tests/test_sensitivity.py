@@ -6,7 +6,7 @@ from conftest import same_state, snapshot, tiny_vit
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from masasurgery.errors import ConfigError, FitError
+from masasurgery.errors import ConfigError, FitError, MasaWarning, ModelRunError
 from masasurgery.sensitivity import collect_sensitivity
 from masasurgery.whiten import sensitivity_whitening
 
@@ -97,3 +97,26 @@ def test_the_whitening_is_the_kfac_error_and_refuses_a_dead_output():
     torch.testing.assert_close(w.unapply(w.apply(e)), e)
     with pytest.raises(FitError, match="no gradient reached"):
         sensitivity_whitening(x.T @ x, 50, torch.zeros(3, 3), 20)
+
+
+def test_a_bad_readout_or_model_run_says_what_to_return():
+    model, x = _mlp(), torch.randn(2, 5)
+    with pytest.raises(ConfigError, match="floating-point tensor"):
+        collect_sensitivity(model, [x], ["0"], readout=lambda out, b: None)
+    with pytest.raises(ConfigError, match="does not depend on the model"):
+        collect_sensitivity(model, [x], ["0"], readout=lambda out, b: out.detach())
+    with pytest.raises(ConfigError, match="classes on the last axis"):
+        collect_sensitivity(
+            model, [x], ["0"], readout=lambda out, b: out.sum(), loss="kl"
+        )
+    vit = tiny_vit(depth=1)
+    with pytest.raises(ModelRunError, match="calibration batch 0"):
+        collect_sensitivity(vit, [torch.randn(1, 3, 16, 16)], ["blocks.0.attn.qkv"])
+    with pytest.raises(FitError, match="inf or nan"):
+        sensitivity_whitening(torch.eye(3), 3, torch.full((2, 2), float("inf")), 1)
+
+
+def test_train_mode_is_warned_about():
+    model = _mlp().train()
+    with pytest.warns(MasaWarning, match="train mode"):
+        collect_sensitivity(model, [torch.randn(2, 5)], ["0"])
