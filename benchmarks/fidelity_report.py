@@ -81,14 +81,21 @@ def write_page(
         "- **Rows**: per-layer truncated SVD; whitened per-layer low rank "
         "(SVD-LLM: truncation of `W R` with `X^T X = R R^T` from calibration "
         "data, float64); plain Matrix PCA (`masasurgery.convert`, the most atoms "
-        "the budget pays for); the paper's pipeline; our best; our best after "
-        "healing. A row shows n/a where its method is not available yet.",
+        "the budget pays for); the paper's pipeline (runs of blocks cut by "
+        "logit-lens KL, weight-space atoms, whitened residuals, 2:2:1:1 ranks "
+        "for q:o:k:v); our best (`masasurgery.compress`: every error weighed by "
+        "the gradient of the model's own readout, K-FAC style, atoms per "
+        "dictionary and a residual rank per layer chosen by the budget solver); "
+        "our best after healing. A row shows n/a where its method is not "
+        "available yet.",
         "- **Target** (issue 7): at each budget our best loses at most half of "
         "what the paper's pipeline loses in the model's primary metric (the first "
         "one listed), and beats whitened low rank. The verdict rows are computed "
         "from the figures in the table.",
         "- \\* Uses the calibration statistics `X^T X` of every projection's "
-        "input, collected once per model (time given per model) and shared.",
+        "input, collected once per model (time given per model) and shared; "
+        "our best also collects the readout's gradient statistics (in its fit "
+        "time, `plan s`, at the first budget).",
         "",
         f"![fidelity against compression]({plot})",
         "",
