@@ -209,7 +209,7 @@ def prepare_compression(
     runs: int | None = None,
     example_inputs: Any | None = None,
     statistics: Calibration | None = None,
-    metric: str = "fisher",
+    metric: str | None = None,
     readout: Readout | None = None,
     loss: str | None = None,
     probes: int = 4,
@@ -231,6 +231,8 @@ def prepare_compression(
         metric: ``"fisher"``: weigh every error by how much it moves the
             model's readout (:mod:`masasurgery.sensitivity`; one backward pass
             per probe and batch). ``"output"``: by each projection's own output.
+            Default: ``"fisher"``, or ``"output"`` where the gradients cannot
+            be had (statistics alone, ``nn.MultiheadAttention``).
         readout: For ``"fisher"``: what to keep close, from the model's output
             and the batch; default its logits, last hidden state or output.
         loss: For ``"fisher"``: ``"mse"`` or ``"kl"`` (logits); default by the
@@ -253,7 +255,7 @@ def prepare_compression(
     # Options and inputs
     if grouping not in GROUPINGS:
         raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
-    if metric not in METRICS:
+    if metric is not None and metric not in METRICS:
         raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}.")
     if metric == "output" and (readout, loss, sensitivity) != (None, None, None):
         raise ConfigError(
@@ -274,6 +276,8 @@ def prepare_compression(
     with clock("analyze"):
         analysis = analyze(model, inputs)
         _check_convertible(analysis, MasaConfig(atoms=1, roles=roles))
+    if metric is None:
+        metric = _default_metric(analysis, calibration, sensitivity)
     with clock("calibrate"):
         given = calibration if statistics is None else statistics
         stats = _statistics(model, analysis, given)
@@ -311,7 +315,7 @@ def compress(
     verify: bool = True,
     device: torch.device | str | None = None,
     keep_originals: bool = True,
-    metric: str = "fisher",
+    metric: str | None = None,
     readout: Readout | None = None,
     loss: str | None = None,
     probes: int = 4,
@@ -345,11 +349,14 @@ def compress(
         verify: Check the rewrite; on failure the model is restored.
         device: Where to verify.
         keep_originals: Keep the replaced projections in the record.
-        metric: ``"fisher"`` (default): every error is how far it moves the
-            model's readout, estimated from the readout's gradients on the
-            calibration batches, so the budget goes to the roles and layers the
-            model is sensitive to. ``"output"``: each projection's own output
-            error (no backward pass; for statistics without batches).
+        metric: ``"fisher"``: every error is how far it moves the model's
+            readout, estimated from the readout's gradients on the calibration
+            batches, so the budget goes to the roles and layers the model is
+            sensitive to. ``"output"``: each projection's own output error (no
+            backward pass). Default: ``"fisher"``, or ``"output"`` where the
+            gradients cannot be had (statistics alone, or an
+            ``nn.MultiheadAttention``, whose packed projection no hook
+            reaches); ``conversion.compression.metric`` says which ran.
         readout: For ``"fisher"``: what to keep close, ``readout(output,
             batch) -> Tensor``; default the logits, the last hidden state or the
             output itself. Give the features you use (e.g. a ViT's normalised
@@ -492,6 +499,32 @@ def _target(
     ):
         raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
     return f"{name}={value}", value
+
+
+def _default_metric(
+    analysis: Analysis, calibration: list | Calibration, given: Sensitivity | None
+) -> str:
+    """``"fisher"`` where the readout's gradients can be had, else ``"output"``."""
+    if given is not None:
+        return "fisher"
+    if isinstance(calibration, Calibration):
+        logger.info("compress: statistics alone, so metric='output'")
+        return "output"
+    packed = [
+        p.target
+        for g in analysis.groups
+        for s in g.sites
+        for p in s.projections
+        if p.layout == "mha_in_proj"
+    ]
+    if packed:
+        logger.info(
+            "compress: %s is an nn.MultiheadAttention (no hook reaches its "
+            "in_proj output), so metric='output'",
+            packed[0],
+        )
+        return "output"
+    return "fisher"
 
 
 def _targets(analysis: Analysis) -> list[str]:

@@ -166,9 +166,8 @@ def test_real_minilm_fisher_metric_keeps_the_embedding_better_than_output_metric
     cosines = {}
     for metric in ("output", "fisher"):
         model = copy.deepcopy(original)
-        conversion = compress(
-            model, calibration, ratio=0.5, metric=metric, readout=readout, probes=16
-        )
+        fisher = {"readout": readout, "probes": 16} if metric == "fisher" else {}
+        conversion = compress(model, calibration, ratio=0.5, metric=metric, **fisher)
         assert conversion.verification.rewrite_exact
         assert conversion.compression.metric == metric
         cosines[metric] = (embed_sentences(model, held_out) * reference).sum(-1).mean()
@@ -210,7 +209,12 @@ def test_fisher_needs_batches_or_sensitivity_and_refuses_sequential():
     data = _data(count=2)
     statistics = prepare_compression(original, data, metric="output").statistics
     with pytest.raises(ConfigError, match="metric='output'"):
-        prepare_compression(original, statistics, example_inputs=data[0])
+        prepare_compression(
+            original, statistics, example_inputs=data[0], metric="fisher"
+        )
+    # Unasked, statistics alone fall back to the output metric
+    plan = prepare_compression(original, statistics, example_inputs=data[0])
+    assert plan.metric == "output"
     with pytest.raises(ConfigError, match="metric must be one of"):
         prepare_compression(original, data, metric="weights")
     with pytest.raises(ConfigError, match="serve metric='fisher'"):
@@ -247,3 +251,14 @@ def test_bad_targets_leave_the_model_unchanged():
         compress(model, [], ratio=0.5)
     assert same_state(model, state)
     assert not hasattr(model, "masa")
+
+
+def test_multihead_attention_falls_back_to_the_output_metric():
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    data = [torch.randn(2, 5, 16) for _ in range(2)]
+    with pytest.raises(NotImplementedError, match="MultiheadAttention"):
+        compress(copy.deepcopy(model), data, ratio=0.5, metric="fisher")
+    conversion = compress(model, data, ratio=0.5)
+    assert conversion.compression.metric == "output"
+    assert conversion.verification.rewrite_exact
