@@ -89,6 +89,9 @@ class CalibrationData:
         readout: What the model's metric reads, ``readout(output, batch)``:
             the features scored, or None for the logits (perplexity). Methods
             that weigh errors by the readout's gradients use it.
+        heal_loss: The healing row's loss between student and teacher outputs
+            (``f(student, teacher) -> scalar``), or None for MSE (KL for
+            language models).
     """
 
     batches: list[Any]
@@ -97,6 +100,7 @@ class CalibrationData:
     description: str
     heal_lr: float = 1e-4
     readout: Callable[[Any, Any], torch.Tensor] | None = None
+    heal_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     _statistics: Calibration | None = field(default=None, repr=False)
     statistics_seconds: float = 0.0
 

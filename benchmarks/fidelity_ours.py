@@ -97,7 +97,7 @@ def fit_best_healed(model: nn.Module, budget: Budget, data: CalibrationData) -> 
         data.batches[half:],
         steps=HEAL_STEPS,
         lr=data.heal_lr,
-        loss="kl" if hasattr(data.reference, "lm_head") else "mse",
+        loss=_heal_loss(data),
         eval_data=data.batches[:half],
         eval_every=10,
         max_seconds=HEAL_SECONDS,
@@ -108,6 +108,12 @@ def fit_best_healed(model: nn.Module, budget: Budget, data: CalibrationData) -> 
         "held-out loss": f"{report.before.loss:.3g} -> {report.after.loss:.3g}",
     }
     return Fitted(model, info=info)
+
+
+def _heal_loss(data: CalibrationData):
+    if data.heal_loss is not None:
+        return data.heal_loss
+    return "kl" if hasattr(data.reference, "lm_head") else "mse"
 
 
 def _plan(
