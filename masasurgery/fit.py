@@ -35,7 +35,7 @@ from torch import Tensor
 from masasurgery.config import MasaConfig
 from masasurgery.errors import FitError
 
-__all__ = ["MatrixPCA", "matrix_pca"]
+__all__ = ["MatrixPCA", "matrix_pca", "stack_residuals"]
 
 # Directions whose energy is below this share of the largest carry only rounding
 # noise; their atoms and coefficients are set to zero rather than amplified.
@@ -138,6 +138,39 @@ class MatrixPCA:
             up, down = residual
             weight = torch.addmm(weight, up.to(weight.dtype), down.to(weight.dtype))
         return weight
+
+
+def stack_residuals(
+    ups: Sequence[Tensor | None], downs: Sequence[Tensor | None]
+) -> tuple[Tensor | None, Tensor | None, tuple[int, ...] | None]:
+    """Per-layer residual factors as :class:`MatrixPCA` holds them.
+
+    Args:
+        ups: Each layer's ``(out, r_l)`` left factor, or None for rank 0.
+        downs: Each layer's ``(r_l, in)`` right factor, or None.
+
+    Returns:
+        ``residual_up`` ``(L, out, r)`` and ``residual_down`` ``(L, r, in)``,
+        zero-padded to the largest rank ``r`` (None, None without any), and
+        ``residual_ranks`` (None when every layer has rank ``r``).
+
+    Example:
+        >>> up, down, ranks = stack_residuals(
+        ...     [torch.ones(3, 2), None], [torch.ones(2, 4), None])
+        >>> tuple(up.shape), tuple(down.shape), ranks
+        ((2, 3, 2), (2, 2, 4), (2, 0))
+    """
+    ranks = tuple(0 if d is None else d.shape[0] for d in downs)
+    if not max(ranks, default=0):
+        return None, None, None
+    shown = next(i for i, r in enumerate(ranks) if r)
+    up = ups[shown].new_zeros(len(ranks), ups[shown].shape[0], max(ranks))
+    down = downs[shown].new_zeros(len(ranks), max(ranks), downs[shown].shape[1])
+    for layer, rank in enumerate(ranks):
+        if rank:
+            up[layer, :, :rank] = ups[layer]
+            down[layer, :rank] = downs[layer]
+    return up, down, ranks if len(set(ranks)) > 1 else None
 
 
 def matrix_pca(weights: Sequence[Tensor], atoms: int) -> MatrixPCA:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from masasurgery.errors import FitError
-from masasurgery.fit import MatrixPCA, matrix_pca
+from masasurgery.fit import MatrixPCA, matrix_pca, stack_residuals
 from masasurgery.whiten import Whitening, whitening
 
 #: Per layer: ``X^T X`` (input side only) or a ready whitening (either side)
@@ -170,7 +170,10 @@ def fit_calibrated(
         downs.append(fit.down)
         errors.append(fit.error)
 
-    up, down = _stack_residuals(ups, downs, ranks, dtype)
+    up, down, layer_ranks = stack_residuals(
+        [u.to(dtype) if r else None for u, r in zip(ups, ranks, strict=True)],
+        [d.to(dtype) if r else None for d, r in zip(downs, ranks, strict=True)],
+    )
     return MatrixPCA(
         atoms=basis.atoms.to(dtype),
         coefficients=torch.stack(coefficients).to(dtype),
@@ -179,7 +182,7 @@ def fit_calibrated(
         requested_atoms=atoms,
         residual_up=up,
         residual_down=down,
-        residual_ranks=tuple(ranks) if len(set(ranks)) > 1 else None,
+        residual_ranks=layer_ranks,
     )
 
 
@@ -190,21 +193,6 @@ def _layer_ranks(rank: int | Sequence[int], num_layers: int) -> list[int]:
     if len(ranks) != num_layers:
         raise FitError(f"need one rank per layer ({num_layers}), got {len(ranks)}.")
     return ranks
-
-
-def _stack_residuals(
-    ups: list[Tensor], downs: list[Tensor], ranks: list[int], dtype: torch.dtype
-) -> tuple[Tensor | None, Tensor | None]:
-    """The layers' residual factors, zero-padded to the largest rank."""
-    top = max(ranks)
-    if not top:
-        return None, None
-    up = ups[0].new_zeros(len(ups), ups[0].shape[0], top)
-    down = downs[0].new_zeros(len(downs), top, downs[0].shape[1])
-    for layer, rank in enumerate(ranks):
-        up[layer, :, :rank] = ups[layer]
-        down[layer, :rank] = downs[layer]
-    return up.to(dtype), down.to(dtype)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from torch import nn
 from masasurgery.analyze import Analysis, analyze
 from masasurgery.convert import Conversion, ParameterCount, RoleFit
 from masasurgery.errors import CheckpointError
-from masasurgery.fit import MatrixPCA, matrix_pca
+from masasurgery.fit import MatrixPCA, matrix_pca, stack_residuals
 from masasurgery.io import Checkpoint, load, read_checkpoint
 from masasurgery.modules import SharedMultiheadAttention, SharedProjection
 from masasurgery.passes.find_attention import AttentionSite
@@ -160,8 +160,7 @@ def _fit(done: Rewrite, group: Group, role: str, key: str) -> MatrixPCA:
         start, stop = projection.roles[role]
         original = done.originals[projection.target]
         originals.append(read_rows(original, projection.layout, start, stop))
-    ranks = tuple(0 if d is None else d.shape[0] for d in downs)
-    residual_up, residual_down = _padded(ups, downs, ranks)
+    residual_up, residual_down, ranks = stack_residuals(ups, downs)
 
     atoms = done.store[key].atoms.detach()
     with torch.no_grad():
@@ -174,7 +173,7 @@ def _fit(done: Rewrite, group: Group, role: str, key: str) -> MatrixPCA:
         requested_atoms=atoms.shape[0],
         residual_up=residual_up,
         residual_down=residual_down,
-        residual_ranks=ranks if len(set(ranks)) > 1 else None,
+        residual_ranks=ranks,
     )
     fit.layer_errors = _layer_errors(fit, originals)
     return fit
@@ -186,26 +185,6 @@ def _residual_part(
     if not module.residual_rank(role):
         return None
     return getattr(module, name)[role].detach()
-
-
-def _padded(
-    ups: list[torch.Tensor | None],
-    downs: list[torch.Tensor | None],
-    ranks: tuple[int, ...],
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Residuals of every block, zero-padded to the largest rank, stacked."""
-    top = max(ranks, default=0)
-    if not top:
-        return None, None
-    shown = next(i for i, r in enumerate(ranks) if r)
-    rows, columns = ups[shown].shape[0], downs[shown].shape[1]
-    up = ups[shown].new_zeros(len(ranks), rows, top)
-    down = downs[shown].new_zeros(len(ranks), top, columns)
-    for layer, rank in enumerate(ranks):
-        if rank:
-            up[layer, :, :rank] = ups[layer]
-            down[layer, :rank] = downs[layer]
-    return up, down
 
 
 def _shared_part(module: nn.Module) -> SharedProjection:
