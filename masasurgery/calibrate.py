@@ -32,6 +32,10 @@ __all__ = ["Calibration", "InputStatistics", "collect_statistics"]
 
 logger = logging.getLogger(__name__)
 
+#: File name ending of the output-gradient statistics that
+#: :func:`masasurgery.sensitivity.collect_sensitivity` may keep in the same folder.
+SENSITIVITY_SUFFIX = ".gtg.safetensors"
+
 
 @dataclass
 class InputStatistics:
@@ -93,7 +97,12 @@ class Calibration:
     def load(cls, directory: str | os.PathLike) -> Calibration:
         """The statistics written by :meth:`save` (read lazily)."""
         directory = Path(directory)
-        files = sorted(directory.glob("*.safetensors"))
+        # Sensitivity files may share the folder (collect_sensitivity)
+        files = sorted(
+            f
+            for f in directory.glob("*.safetensors")
+            if not f.name.endswith(SENSITIVITY_SUFFIX)
+        )
         if not files:
             raise ConfigError(
                 f"{directory} holds no calibration statistics (*.safetensors); "
@@ -144,15 +153,11 @@ def collect_statistics(
         (torch.Size([192, 192]), torch.float64, 34)
     """
     # Targets and their modules, then the passes that fit the memory bound
-    batches = _replayable(batches)
+    batches = replayable(batches)
     targets = _default_targets(model, batches) if targets is None else list(targets)
     modules = {t: _projection_module(model, t) for t in targets}
-    passes = _plan_passes(modules, max_bytes, cache_dir)
-    if len(passes) > 1 and isinstance(batches, _OnePass):
-        raise ConfigError(
-            f"max_bytes={max_bytes} needs {len(passes)} passes over the data, but "
-            "batches is a one-shot iterator; pass a list or a DataLoader."
-        )
+    sizes = {t: _in_features(m) ** 2 * 8 for t, m in modules.items()}
+    passes = plan_passes(sizes, max_bytes, cache_dir, batches)
     directory = None if cache_dir is None else Path(cache_dir)
 
     # One run over the data per pass
@@ -188,7 +193,8 @@ class _OnePass:
         yield from self._iterator
 
 
-def _replayable(batches: Iterable[Any]) -> Iterable[Any]:
+def replayable(batches: Iterable[Any]) -> Iterable[Any]:
+    """``batches``, with a one-shot iterator wrapped so its first item can be read."""
     if iter(batches) is batches:
         return _OnePass(iter(batches))
     return batches
@@ -239,27 +245,42 @@ def _in_features(module: nn.Module) -> int | None:
     return None
 
 
-def _plan_passes(
-    modules: dict[str, nn.Module],
+def plan_passes(
+    sizes: dict[str, int],
     max_bytes: int | None,
     cache_dir: str | os.PathLike | None,
+    batches: Iterable[Any],
+    what: str = "statistics",
 ) -> list[list[str]]:
+    """Targets in passes over the data, each holding at most ``max_bytes``.
+
+    Args:
+        sizes: Bytes each target's statistic takes, in collection order.
+        max_bytes: The bound; None: one pass.
+        cache_dir: Where finished statistics go; required with ``max_bytes``.
+        batches: The data, as :func:`replayable` returned it (a one-shot
+            iterator cannot be run twice).
+        what: What to call the statistics in messages.
+
+    Raises:
+        ConfigError: ``max_bytes`` without ``cache_dir``, smaller than one
+            target's statistic, or needing several passes over one-shot data.
+    """
     if max_bytes is None:
-        return [list(modules)]
+        return [list(sizes)]
     if cache_dir is None:
         raise ConfigError(
-            "max_bytes bounds the statistics held in memory, so finished ones must "
+            f"max_bytes bounds the {what} held in memory, so finished ones must "
             "go to disk: pass cache_dir= as well."
         )
 
     # Greedy: fill each pass up to the bound, in module order
     passes: list[list[str]] = [[]]
     used = 0
-    for target, module in modules.items():
-        size = _in_features(module) ** 2 * 8
+    for target, size in sizes.items():
         if size > max_bytes:
             raise ConfigError(
-                f"the statistics of {target!r} take {size} bytes, more than "
+                f"the {what} of {target!r} take {size} bytes, more than "
                 f"max_bytes={max_bytes}; raise max_bytes to at least {size}."
             )
         if used + size > max_bytes:
@@ -267,6 +288,11 @@ def _plan_passes(
             used = 0
         passes[-1].append(target)
         used += size
+    if len(passes) > 1 and isinstance(batches, _OnePass):
+        raise ConfigError(
+            f"max_bytes={max_bytes} needs {len(passes)} passes over the data, but "
+            "batches is a one-shot iterator; pass a list or a DataLoader."
+        )
     return passes
 
 

@@ -52,6 +52,10 @@ class Checkpoint:
         config: The conversion's options: those of the ``Conversion`` when one was
             passed to :func:`save`, else read off the dictionaries (``atoms`` is
             then the largest dictionary). None when nothing was converted.
+        compression: What :func:`masasurgery.compress` chose (its
+            :meth:`~masasurgery.compress.Compression.to_dict`: the target, the
+            metric, the atoms and ranks of every dictionary), when the saved
+            conversion came from it; None otherwise.
         aliases: Tied tensors: a ``state_dict`` key -> the key whose tensor it
             shares, stored once under that key.
         format_version: Version of the plan file's layout.
@@ -63,11 +67,14 @@ class Checkpoint:
     plan: RewritePlan = field(repr=False)
     config: MasaConfig | None
     aliases: dict[str, str] = field(default_factory=dict, repr=False)
+    compression: dict[str, Any] | None = field(default=None, repr=False)
     format_version: int = FORMAT_VERSION
     masasurgery_version: str = ""
 
     def __str__(self) -> str:
         options = "not converted" if self.config is None else self.config.to_json()
+        if self.compression is not None:
+            options += f" (compressed to {self.compression.get('target')})"
         return (
             f"masasurgery checkpoint of {self.model} at {self.directory} "
             f"(format {self.format_version}): {options}, "
@@ -98,6 +105,7 @@ class Checkpoint:
             "weights": WEIGHTS_FILE,
             "config": None if self.config is None else self.config.to_dict(),
             "aliases": dict(self.aliases),
+            "compression": self.compression,
             "plan": {
                 "dictionaries": [asdict(d) for d in self.plan.dictionaries],
                 "projections": [_projection_dict(p) for p in self.plan.projections],
@@ -162,6 +170,7 @@ def _checkpoint(directory: Path, data: dict[str, Any]) -> Checkpoint:
         ),
         config=_config_from(data.get("config")),
         aliases=dict(aliases),
+        compression=_compression_from(data.get("compression")),
         format_version=data["format_version"],
         masasurgery_version=str(data.get("masasurgery_version", "")),
     )
@@ -227,6 +236,15 @@ def _config_from(data: Any) -> MasaConfig | None:
         return MasaConfig.from_dict(data)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"the plan file's config is invalid: {e}") from e
+
+
+def _compression_from(data: Any) -> dict[str, Any] | None:
+    # Written by format 1 files since compress recorded its choice; optional
+    if data is not None and not isinstance(data, dict):
+        raise CheckpointError(
+            f"the plan file's compression must be an object or null, got {data!r}."
+        )
+    return data
 
 
 def _field(data: dict[str, Any], key: str, kind: type, where: str) -> Any:

@@ -21,6 +21,7 @@ weights. :func:`compress` spends a budget where the data says it matters:
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -44,7 +45,7 @@ from masasurgery.convert import (
     finish,
     role_weights,
 )
-from masasurgery.errors import ConfigError
+from masasurgery.errors import ConfigError, MasaWarning
 from masasurgery.fit import MatrixPCA
 from masasurgery.fit_data import ErrorTable, fit_calibrated
 from masasurgery.passes.group import Group
@@ -183,6 +184,7 @@ def compress(
         fits = _fit(model, groups, plan, allocation)
     if plan.sensitivity is None:
         allocation = _measured(allocation, fits)
+    _warn_dropped(allocation, groups)
 
     # Rewrite and verify, as convert does
     most = max(c.atoms for c in allocation.choices.values())
@@ -206,6 +208,28 @@ def compress(
     inputs = plan.inputs if example_inputs is None else example_inputs
     finish(model, conversion, inputs, verify, device, keep_originals)
     return conversion
+
+
+def _warn_dropped(allocation: Allocation, groups: list[Group]) -> None:
+    # A layer with no atoms and rank 0 keeps a zero weight (its bias only)
+    dropped = [
+        f"{role} of {groups[g].blocks[layer]}"
+        for (g, role), c in allocation.choices.items()
+        if c.atoms == 0
+        for layer, rank in enumerate(c.ranks or [c.rank] * len(groups[g].blocks))
+        if rank == 0
+    ]
+    if dropped:
+        warnings.warn(
+            f"compress dropped {len(dropped)} projection"
+            f"{'s' if len(dropped) > 1 else ''} entirely (no atoms, "
+            f"rank 0; only their biases are left), e.g. the {dropped[0]}: the "
+            "calibration data said they mattered least. If the model's task needs "
+            "them, calibrate on data (and a readout) closer to that task, or remove "
+            "less.",
+            MasaWarning,
+            stacklevel=3,
+        )
 
 
 def _refit(

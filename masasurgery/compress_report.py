@@ -47,7 +47,7 @@ class Compression:
                 role,
                 c.atoms,
                 _ranks(c),
-                f"{1 - c.parameters / c.dense_parameters:.1%}",
+                _removed(c),
             ]
             + [f"{c.error:.4g}"]
             for (g, role), c in _in_role_order(self.allocation.choices)
@@ -94,6 +94,14 @@ class Compression:
                 "parts": [vars(p) for p in self.sequential.parts],
             },
         }
+
+
+def _removed(choice: Choice) -> str:
+    """``"63.5%"``; a fit that costs more than dense says how much it adds."""
+    added = choice.parameters - choice.dense_parameters
+    if added > 0:
+        return f"+{added:,} params"
+    return f"{1 - choice.parameters / choice.dense_parameters:.1%}"
 
 
 def _ranks(choice: Choice) -> str:

@@ -53,7 +53,9 @@ class RoleFit:
         requested_atoms: Atoms asked for; more than ``L`` is capped to ``L``.
         energy_kept: Share of the stacked weights' energy the atoms reproduce.
         layer_errors: Relative Frobenius error of each block's weight.
-        residual_rank: Rank of each block's own low-rank residual (0: none).
+        residual_rank: Rank of each block's own low-rank residual (0: none; the
+            largest, when the blocks' ranks differ).
+        residual_ranks: Each block's residual rank, when they differ.
     """
 
     group: int
@@ -65,6 +67,7 @@ class RoleFit:
     energy_kept: float
     layer_errors: list[float]
     residual_rank: int = 0
+    residual_ranks: tuple[int, ...] | None = None
 
     @property
     def capped(self) -> bool:
@@ -465,6 +468,7 @@ def _role_fits(
             energy_kept=fit.energy_kept,
             layer_errors=fit.layer_errors.tolist(),
             residual_rank=fit.residual_rank,
+            residual_ranks=fit.residual_ranks,
         )
         for (g, role), fit in fits.items()
     ]
@@ -539,8 +543,10 @@ def _verify_or_undo(
 def _role_row(r: RoleFit) -> list[object]:
     atoms = f"{r.atoms}" if not r.capped else f"{r.atoms} (of {r.requested_atoms})"
     if r.residual_rank:
-        atoms += f" + rank {r.residual_rank}"
+        atoms += f" + rank {_rank_range(r)}"
     worst = max(r.layer_errors) if r.layer_errors else 0.0
+    # No atoms keep no energy; the residual's share is in the layer errors
+    energy = f"{r.energy_kept:.2%}" if r.atoms else "-"
     shape = f"{r.shape[0]}x{r.shape[1]}"
     return [
         r.group,
@@ -548,9 +554,16 @@ def _role_row(r: RoleFit) -> list[object]:
         r.blocks,
         shape,
         atoms,
-        f"{r.energy_kept:.2%}",
+        energy,
         f"{worst:.3f}",
     ]
+
+
+def _rank_range(r: RoleFit) -> str:
+    ranks = r.residual_ranks
+    if ranks is None or len(set(ranks)) == 1:
+        return str(r.residual_rank)
+    return f"{min(ranks)}..{max(ranks)}"
 
 
 def _count_line(label: str, before: int, after: int) -> str:

@@ -111,6 +111,7 @@ def save(
         plan=plan,
         config=conversion.config if conversion is not None else _config_of(plan),
         aliases=aliases,
+        compression=_compression_of(conversion),
         masasurgery_version=_version(),
     )
 
@@ -306,6 +307,13 @@ def _config_of(plan: RewritePlan) -> MasaConfig | None:
         atoms=max(d.atoms for d in plan.dictionaries),
         roles=tuple(r for r in ROLES if r in roles),
     )
+
+
+def _compression_of(conversion: Conversion | None) -> dict[str, Any] | None:
+    # What compress chose (target, metric, atoms and ranks), for the plan file
+    if conversion is None or conversion.compression is None:
+        return None
+    return conversion.compression.to_dict()
 
 
 def _tensors_to_save(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -22,24 +22,33 @@ readout moves most.
 autograd on (no parameter gradients are made), backpropagates ``probes`` probe
 vectors per batch, and adds up ``G`` of every projection.
 
-Memory: every ``G`` is held at once, ``8 * out^2`` bytes per projection: 57 MB
-for the 48 projections of DINOv2 ViT-S/14, about 9 GB for a Llama-8B-shaped
-stack. TODO: passes bounded by ``max_bytes``
-with a ``cache_dir``, as :func:`masasurgery.calibrate.collect_statistics` has.
+Memory: ``G`` takes ``8 * out^2`` bytes per projection: 57 MB for the 48
+projections of DINOv2 ViT-S/14, about 9 GB for a Llama-8B-shaped stack. With
+``max_bytes`` and ``cache_dir``, as in
+:func:`masasurgery.calibrate.collect_statistics`, the projections are split into
+passes over the data that each hold at most ``max_bytes`` of ``G``, and
+finished ones wait on disk. Every pass draws the same probes.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from masasurgery.calibrate import _projection_module
+from masasurgery.calibrate import (
+    SENSITIVITY_SUFFIX,
+    _projection_module,
+    plan_passes,
+    replayable,
+)
 from masasurgery.errors import ConfigError, MasaWarning, ModelRunError
 from masasurgery.passes.capture import Inputs
 
@@ -57,31 +66,40 @@ Readout = Callable[[Any, Any], Tensor]
 class Sensitivity:
     """The output-gradient statistics ``G`` of every projection, by name.
 
+    Held in memory, or read from ``cache_dir`` one projection at a time when the
+    collection was bounded by ``max_bytes``.
+
     Attributes:
         gtg: ``G = sum_t g_t g_t^T`` of each projection's output, ``(out, out)``,
-            float64.
+            float64, for the projections held in memory.
         probes: Probe vectors backpropagated (per batch, times batches).
         loss: ``"mse"`` or ``"kl"``: the readout metric the probes stand for.
+        cache_dir: Where the others are kept on disk, or None.
+        stored: The projections kept in ``cache_dir``.
     """
 
     gtg: dict[str, Tensor] = field(repr=False)
     probes: int
     loss: str
+    cache_dir: Path | None = None
+    stored: list[str] = field(default_factory=list, repr=False)
 
     @property
     def targets(self) -> list[str]:
-        return list(self.gtg)
+        return [*self.gtg, *self.stored]
 
     def __contains__(self, target: object) -> bool:
-        return target in self.gtg
+        return target in self.gtg or target in self.stored
 
     def __getitem__(self, target: str) -> Tensor:
-        if target not in self.gtg:
-            raise KeyError(
-                f"no sensitivity for {target!r}; collected for {len(self.gtg)} "
-                f"projections, e.g. {self.targets[:3]}."
-            )
-        return self.gtg[target]
+        if target in self.gtg:
+            return self.gtg[target]
+        if self.cache_dir is not None and target in self.stored:
+            return _read(self.cache_dir, target)
+        raise KeyError(
+            f"no sensitivity for {target!r}; collected for {len(self.targets)} "
+            f"projections, e.g. {self.targets[:3]}."
+        )
 
 
 def default_readout(output: Any, batch: Any) -> Tensor:
@@ -110,6 +128,8 @@ def collect_sensitivity(
     loss: str | None = None,
     probes: int = 4,
     seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    max_bytes: int | None = None,
 ) -> Sensitivity:
     """Add up ``G`` of each projection's output over the batches.
 
@@ -128,13 +148,20 @@ def collect_sensitivity(
             when the readout is ``logits``, else ``"mse"``.
         probes: Probe vectors backpropagated per batch.
         seed: Seed of the probes.
+        cache_dir: Write each projection's ``G`` there (as
+            ``<target>.gtg.safetensors``) and read it back on demand; required
+            with ``max_bytes``.
+        max_bytes: Most bytes of ``G`` held at once; each pass over the data
+            (one forward and ``probes`` backward passes per batch) collects
+            the projections that fit.
 
     Returns:
         The statistics, by target.
 
     Raises:
-        ConfigError: A bad option, no batches, or a target that is not a
-            projection.
+        ConfigError: A bad option, no batches, a target that is not a
+            projection, or ``max_bytes`` too small for one target, without
+            ``cache_dir``, or needing several passes over a one-shot iterator.
         ModelRunError: The model fails on a batch.
         NotImplementedError: ``nn.MultiheadAttention`` (its packed input
             projection runs inside the module, out of reach of a hook).
@@ -148,7 +175,7 @@ def collect_sensitivity(
         >>> s["blocks.0.attn.qkv"].shape, s.loss, s.probes
         (torch.Size([576, 576]), 'mse', 4)
     """
-    # Options and modules
+    # Options and modules, then the passes that fit the memory bound
     if loss is not None and loss not in LOSSES:
         raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}.")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
@@ -162,23 +189,57 @@ def collect_sensitivity(
             MasaWarning,
             stacklevel=2,
         )
-    generator = torch.Generator().manual_seed(seed)
+    batches = replayable(batches)
+    sizes = {t: _out_features(m) ** 2 * 8 for t, m in modules.items()}
+    passes = plan_passes(sizes, max_bytes, cache_dir, batches, what="G")
+    directory = None if cache_dir is None else Path(cache_dir)
 
-    # One forward with autograd per batch, ``probes`` backward passes
+    # One run over the data per pass, each with the same probes
+    result = Sensitivity(gtg={}, probes=0, loss="", cache_dir=directory)
+    used: dict[str, Any] = {"loss": loss}
+    for chunk in passes:
+        used["batches"] = 0
+        gtg = _run_pass(
+            model, batches, {t: modules[t] for t in chunk}, readout, used, probes, seed
+        )
+        _keep(result, gtg, directory)
+    result.probes, result.loss = probes * used["batches"], used["loss"]
+    return result
+
+
+def _run_pass(
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: dict[str, nn.Module],
+    readout: Readout,
+    used: dict[str, Any],
+    probes: int,
+    seed: int,
+) -> dict[str, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
     gtg: dict[str, Tensor] = {}
-    used = {"loss": loss, "batches": 0}
     with _OutputTaps(modules) as taps:
         for batch in batches:
             _one_batch(model, batch, readout, used, probes, generator, taps, gtg)
     if not used["batches"]:
         raise ConfigError("collect_sensitivity needs at least one batch, got none.")
-    missing = [t for t in targets if t not in gtg]
+    missing = [t for t in modules if t not in gtg]
     if missing:
         raise ConfigError(
             f"{len(missing)} projections never ran on the calibration batches "
             f"(first: {missing[0]!r}); check the targets."
         )
-    return Sensitivity(gtg=gtg, probes=probes * used["batches"], loss=used["loss"])
+    return gtg
+
+
+def _keep(result: Sensitivity, gtg: dict[str, Tensor], directory: Path | None) -> None:
+    for target, g in gtg.items():
+        if directory is None:
+            result.gtg[target] = g
+        else:
+            _write(directory, target, g)
+            result.stored.append(target)
+    logger.debug("sensitivity of %d projections in one pass", len(gtg))
 
 
 def _one_batch(
@@ -283,6 +344,29 @@ def _module(model: nn.Module, target: str) -> nn.Module:
             "output; compress it with metric='output'."
         )
     return module
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.out_channels
+    return module.weight.shape[1]  # transformers' Conv1D: (in, out)
+
+
+def _write(directory: Path, target: str, gtg: Tensor) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"gtg": gtg.contiguous().cpu()}, directory / f"{target}{SENSITIVITY_SUFFIX}"
+    )
+
+
+def _read(directory: Path, target: str) -> Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(directory / f"{target}{SENSITIVITY_SUFFIX}")["gtg"]
 
 
 class _OutputTaps:

@@ -193,9 +193,16 @@ def test_fisher_ranks_differ_per_layer_and_survive_save_load_and_verify(tmp_path
     assert conversion.verification.rewrite_exact
 
     # Each block's module holds its own rank; a reload rebuilds the record
-    masasurgery.save(model, tmp_path / "ckpt")
+    masasurgery.save(model, tmp_path / "ckpt", conversion=conversion)
     fresh = copy.deepcopy(original)
-    masasurgery.load(fresh, tmp_path / "ckpt")
+    saved = masasurgery.load(fresh, tmp_path / "ckpt")
+    assert saved.compression["target"] == "ratio=0.5"
+    assert saved.compression["metric"] == "fisher"
+    assert "compressed to ratio=0.5" in str(saved)
+    chosen = conversion.compression.to_dict()["choices"]
+    assert [c["ranks"] for c in saved.compression["choices"]] == [
+        None if c["ranks"] is None else list(c["ranks"]) for c in chosen
+    ]
     x = image_batch()
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
@@ -262,3 +269,26 @@ def test_multihead_attention_falls_back_to_the_output_metric():
     conversion = compress(model, data, ratio=0.5)
     assert conversion.compression.metric == "output"
     assert conversion.verification.rewrite_exact
+
+
+def test_a_projection_dropped_entirely_is_warned_about():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from masasurgery.errors import MasaWarning
+
+    # Random weights: the readout barely depends on q and k, so they go first
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    data = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(3)]
+    with pytest.warns(MasaWarning, match="dropped 6 projections entirely"):
+        conversion = compress(model, data, ratio=0.6, verify=False)
+    q = conversion.compression.allocation.choices[0, "q"]
+    assert (q.atoms, q.rank) == (0, 0)

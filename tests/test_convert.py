@@ -246,3 +246,14 @@ def test_inputs_the_original_rejects_are_reported_before_any_rewriting():
     assert "while verifying" not in message and ".." not in message
     assert "doesn't match model (32). Check" in message
     assert _same_state(model, state) and _modules(model) == modules
+
+
+def test_a_residual_only_row_shows_its_ranks_and_no_energy():
+    from masasurgery.convert import RoleFit, _role_row
+
+    fit = RoleFit(0, "q", 3, (8, 8), 0, 0, 0.0, [0.1, 0.3, 0.2], 5, (2, 5, 3))
+    row = _role_row(fit)
+    assert row[4] == "0 + rank 2..5"
+    assert row[5] == "-"  # no atoms: no energy share to show
+    same = RoleFit(0, "q", 3, (8, 8), 2, 2, 0.5, [0.1, 0.3, 0.2], 4, (4, 4, 4))
+    assert _role_row(same)[4:6] == ["2 + rank 4", "50.00%"]

@@ -120,3 +120,45 @@ def test_train_mode_is_warned_about():
     model = _mlp().train()
     with pytest.warns(MasaWarning, match="train mode"):
         collect_sensitivity(model, [torch.randn(2, 5)], ["0"])
+
+
+def test_passes_bounded_by_max_bytes_give_the_same_g_from_disk(tmp_path):
+    from masasurgery.calibrate import Calibration, collect_statistics
+
+    model = tiny_vit(depth=2)
+    batches = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    targets = [f"blocks.{i}.attn.{p}" for i in range(2) for p in ("qkv", "proj")]
+    whole = collect_sensitivity(model, batches, targets, probes=2)
+
+    # qkv's G is 576^2 * 8 bytes: one projection per pass at most
+    bound = 576**2 * 8 + 192**2 * 8
+    split = collect_sensitivity(
+        model, batches, targets, probes=2, cache_dir=tmp_path, max_bytes=bound
+    )
+    assert split.gtg == {} and split.stored == targets
+    assert (split.probes, split.loss) == (whole.probes, whole.loss)
+    for target in targets:
+        torch.testing.assert_close(split[target], whole[target], rtol=1e-9, atol=0)
+
+    # The input statistics may share the folder; each reads only its own files
+    collect_statistics(model, batches, targets, cache_dir=tmp_path)
+    assert sorted(Calibration.load(tmp_path).targets) == sorted(targets)
+
+
+def test_a_bound_says_what_it_needs():
+    model = tiny_vit(depth=1)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ConfigError, match="pass cache_dir= as well"):
+        collect_sensitivity(model, [x], ["blocks.0.attn.qkv"], max_bytes=10**9)
+    with pytest.raises(ConfigError, match="raise max_bytes to at least 2654208"):
+        collect_sensitivity(
+            model, [x], ["blocks.0.attn.qkv"], max_bytes=1000, cache_dir="unused"
+        )
+    with pytest.raises(ConfigError, match="one-shot iterator"):
+        collect_sensitivity(
+            model,
+            iter([x]),
+            ["blocks.0.attn.qkv", "blocks.0.attn.proj"],
+            max_bytes=576**2 * 8,
+            cache_dir="unused",
+        )
