@@ -92,6 +92,10 @@ class CalibrationData:
         heal_loss: The healing row's loss between student and teacher outputs
             (``f(student, teacher) -> scalar``), or None for MSE (KL for
             language models).
+        heal_batches: What the healing row trains on, or None for the last
+            three quarters of ``batches``.
+        heal_eval: What it keeps its best state by, or None for the first
+            quarter of ``batches``. Never in ``heal_batches``.
     """
 
     batches: list[Any]
@@ -101,8 +105,16 @@ class CalibrationData:
     heal_lr: float = 1e-4
     readout: Callable[[Any, Any], torch.Tensor] | None = None
     heal_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    heal_batches: list[Any] | None = field(default=None, repr=False)
+    heal_eval: list[Any] | None = field(default=None, repr=False)
     _statistics: Calibration | None = field(default=None, repr=False)
     statistics_seconds: float = 0.0
+
+    def heal_split(self) -> tuple[list[Any], list[Any]]:
+        """The healing row's training batches and its held-out batches."""
+        quarter = max(1, len(self.batches) // 4)
+        train = self.heal_batches or self.batches[quarter:]
+        return train, self.heal_eval or self.batches[:quarter]
 
     @property
     def example(self) -> Any:

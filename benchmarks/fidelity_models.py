@@ -177,6 +177,9 @@ def minilm_setup(sizes: Sizes) -> ModelSetup:
     encode = _encoder(tokenizer)
     batches = [encode(calibration[i : i + 16]) for i in range(0, len(calibration), 16)]
     evaluation = [encode(held_out[i : i + 32]) for i in range(0, len(held_out), 32)]
+    heal_batches, heal_eval = _heal_sentences(
+        lee_sentences(split.calibration), calibration, batches, encode, length
+    )
 
     def embeddings(m: nn.Module) -> Tensor:
         return torch.cat([embed_sentences(m, b) for b in evaluation])
@@ -199,9 +202,13 @@ def minilm_setup(sizes: Sizes) -> ModelSetup:
             targets=_targets(model, _SUFFIXES_BERT),
             reference=model,
             description=f"{len(calibration)} sentences of {len(split.calibration)} "
-            "Lee articles, batches of 16 of similar length",
+            "Lee articles, batches of 16 of similar length; healing trains on "
+            f"{sum(len(b['input_ids']) for b in heal_batches)} sentences of the "
+            "same articles (all but its held-out quarter of the calibration set)",
             readout=_sentence_embedding,
             heal_loss=_embedding_cosine_loss,
+            heal_batches=heal_batches,
+            heal_eval=heal_eval,
         ),
         metrics=(
             MetricSpec("cosine", "embedding cosine", higher_is_better=True, digits=4),
@@ -300,6 +307,28 @@ def _embedding_cosine_loss(student: Tensor, teacher: Tensor) -> Tensor:
     measured at 66.7%: 0.860 -> 0.874 in 120 s, against 0.870 with MSE."""
     cosine = F.cosine_similarity(student.mean(1), teacher.mean(1), dim=-1)
     return (1.0 - cosine).mean()
+
+
+def _heal_sentences(
+    pool: list[str], calibration: list[str], batches: list[dict], encode, length
+) -> tuple[list[dict], list[dict]]:
+    """Healing data: every calibration-article sentence but the held-out quarter.
+
+    ``batches`` hold ``calibration`` in order, 16 sentences each; the first
+    quarter keeps the best state. Training batches: 16 sentences of similar
+    length (sorted within shuffled chunks of 256), in a shuffled order.
+    Measured at 66.7% (one run, 90 s cap): 0.870 on the calibration batches in
+    length order, 0.875 shuffled, 0.878 on all 2103 sentences shuffled.
+    """
+    quarter = max(1, len(batches) // 4)
+    held_out = set(calibration[: quarter * 16])
+    rng = np.random.default_rng(0)
+    pool = [pool[i] for i in rng.permutation(len(pool)) if pool[i] not in held_out]
+    train = []
+    for start in range(0, len(pool), 256):
+        chunk = sorted(pool[start : start + 256], key=length)
+        train += [encode(chunk[i : i + 16]) for i in range(0, len(chunk), 16)]
+    return [train[i] for i in rng.permutation(len(train))], batches[:quarter]
 
 
 def _spread(items: list[str], count: int) -> list[str]:

@@ -90,15 +90,15 @@ def fit_best_healed(model: nn.Module, budget: Budget, data: CalibrationData) -> 
     The harness passes a copy of the "best" row's fitted model at this budget
     (``start_from="best"``), so the time reported is the healing alone.
     """
-    half = max(1, len(data.batches) // 4)
+    train, held_out = data.heal_split()
     report = heal(
         model,
         data.reference,
-        data.batches[half:],
+        train,
         steps=HEAL_STEPS,
         lr=data.heal_lr,
         loss=_heal_loss(data),
-        eval_data=data.batches[:half],
+        eval_data=held_out,
         eval_every=10,
         max_seconds=HEAL_SECONDS,
         progress=False,

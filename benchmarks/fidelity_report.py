@@ -223,7 +223,8 @@ def _choice(info: dict) -> str:
         if isinstance(value, dict) and set(value) <= set(_ROLES):
             value = "/".join(str(value[r]) for r in _ROLES if r in value)
         elif isinstance(value, float):
-            value = f"{value:.2g}"
+            # Seconds in full, small figures (a jitter) in two digits
+            value = f"{value:.4g}" if abs(value) >= 1 else f"{value:.2g}"
         parts.append(f"{key} {value}")
     return ", ".join(parts)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from masasurgery.errors import ConfigError, ModelRunError
+from masasurgery.errors import MODEL_FAILURES, ConfigError, MasaWarning, ModelRunError
 from masasurgery.passes.capture import Inputs
 
 __all__ = ["Calibration", "InputStatistics", "collect_statistics"]
@@ -45,15 +46,44 @@ class InputStatistics:
         xtx: ``X^T X`` over every calibration token, ``(in, in)``, float64.
         tokens: How many input rows (tokens, or pixels for a 1x1 convolution)
             were added up.
+        total: The sum of the input rows, ``(in,)``, float64, or None in
+            statistics saved before it was collected.
     """
 
     xtx: Tensor
     tokens: int
+    total: Tensor | None = None
 
     @property
     def covariance(self) -> Tensor:
         """``X^T X / tokens``: the second moment per token (not centred)."""
         return self.xtx / max(self.tokens, 1)
+
+    @property
+    def mean(self) -> Tensor | None:
+        """The mean input row, ``(in,)``, float64, or None without ``total``."""
+        if self.total is None:
+            return None
+        return self.total / max(self.tokens, 1)
+
+    def centered(self) -> Tensor:
+        """``(X - 1 mean)^T (X - 1 mean)``: ``X^T X`` about the mean input.
+
+        A fit in this metric leaves the mean's share of the error to the bias
+        (:mod:`masasurgery.compress`), which corrects it exactly.
+
+        Raises:
+            ConfigError: The statistics hold no ``total`` (saved by an older
+                version); collect them again.
+        """
+        if self.total is None:
+            raise ConfigError(
+                "these statistics hold no input sum (saved by an older "
+                "masasurgery), so they cannot be centered; collect them again with "
+                "collect_statistics, or pass center=False."
+            )
+        mean = self.mean
+        return self.xtx - self.tokens * torch.outer(mean, mean)
 
 
 @dataclass
@@ -64,7 +94,8 @@ class Calibration:
     collection was bounded by ``max_bytes``.
 
     Attributes:
-        targets: The projections, by qualified module name, in collection order.
+        targets: The projections, by qualified module name, in collection
+            order (sorted by name when read back with :meth:`load`).
         cache_dir: Where the statistics are kept on disk, or None.
     """
 
@@ -162,15 +193,32 @@ def collect_statistics(
 
     # One run over the data per pass
     calibration = Calibration(targets=list(targets), cache_dir=directory)
+    unreached = []
     for chunk in passes:
         stats = _run_pass(model, batches, {t: modules[t] for t in chunk})
+        unreached += [t for t, stat in stats.items() if stat.tokens == 0]
         for target, stat in stats.items():
             if directory is None:
                 calibration._memory[target] = stat
             else:
                 _write(directory, target, stat)
         logger.debug("calibrated %d projections in one pass", len(chunk))
+    if unreached:
+        _warn_unreached(unreached)
     return calibration
+
+
+def _warn_unreached(targets: list[str]) -> None:
+    # nn.MultiheadAttention computes out_proj with its weight, not its forward
+    warnings.warn(
+        f"no calibration input reached {len(targets)} projection(s), e.g. "
+        f"{targets[0]!r}: the model never calls them as modules (an "
+        "nn.MultiheadAttention uses out_proj's weight directly), so their "
+        "statistics are zero and a calibrated fit of them falls back to their "
+        "weights alone. Leave their role out (roles=) to keep them dense.",
+        MasaWarning,
+        stacklevel=3,
+    )
 
 
 class _OnePass:
@@ -299,15 +347,14 @@ def plan_passes(
 def _run_pass(
     model: nn.Module, batches: Iterable[Any], modules: dict[str, nn.Module]
 ) -> dict[str, InputStatistics]:
-    stats = {
-        t: InputStatistics(_zeros(_in_features(m), m), 0) for t, m in modules.items()
-    }
+    stats = {t: _empty(_in_features(m), m) for t, m in modules.items()}
 
     def make_hook(target: str):
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             rows = _input_rows(module, args, kwargs)  # (tokens, in)
             product = rows.T.float() @ rows.float()
             stats[target].xtx += product.double()
+            stats[target].total += rows.double().sum(0)
             stats[target].tokens += rows.shape[0]
 
         return hook
@@ -326,9 +373,13 @@ def _run_pass(
     return stats
 
 
-def _zeros(size: int, module: nn.Module) -> Tensor:
-    device = next(module.parameters()).device
-    return torch.zeros(size, size, dtype=torch.float64, device=device)
+def _empty(size: int, module: nn.Module) -> InputStatistics:
+    options = {"dtype": torch.float64, "device": next(module.parameters()).device}
+    return InputStatistics(
+        xtx=torch.zeros(size, size, **options),
+        tokens=0,
+        total=torch.zeros(size, **options),
+    )
 
 
 def _input_rows(module: nn.Module, args: tuple, kwargs: dict) -> Tensor:
@@ -353,9 +404,11 @@ def _run_batches(model: nn.Module, batches: Iterable[Any]) -> int:
         for batch in _as_inputs(batches):
             try:
                 model(*batch.args, **batch.kwargs)
-            except (AssertionError, RuntimeError, TypeError, ValueError) as e:
+            except MODEL_FAILURES as e:
                 raise ModelRunError(
-                    f"{type(model).__name__} failed on calibration batch {count}: {e}"
+                    f"{type(model).__name__} failed on calibration batch {count}: "
+                    f"{e}. Each batch goes to the model as it is: a tensor, a "
+                    "tuple of positional arguments or a dict of keyword arguments."
                 ) from e
             count += 1
     return count
@@ -374,15 +427,19 @@ def _write(directory: Path, target: str, stat: InputStatistics) -> None:
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    tokens = torch.tensor([stat.tokens], dtype=torch.int64)
-    save_file(
-        {"xtx": stat.xtx.contiguous().cpu(), "tokens": tokens},
-        _file(directory, target),
-    )
+    tensors = {
+        "xtx": stat.xtx.contiguous().cpu(),
+        "tokens": torch.tensor([stat.tokens], dtype=torch.int64),
+    }
+    if stat.total is not None:
+        tensors["total"] = stat.total.contiguous().cpu()
+    save_file(tensors, _file(directory, target))
 
 
 def _read(directory: Path, target: str) -> InputStatistics:
     from safetensors.torch import load_file
 
     data = load_file(_file(directory, target))
-    return InputStatistics(xtx=data["xtx"], tokens=int(data["tokens"].item()))
+    return InputStatistics(
+        xtx=data["xtx"], tokens=int(data["tokens"].item()), total=data.get("total")
+    )

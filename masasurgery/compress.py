@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from masasurgery.budget import Allocation, Choice, solve_budget
 from masasurgery.calibrate import Calibration
@@ -77,6 +77,7 @@ def compress(
     readout: Readout | None = None,
     loss: str | None = None,
     probes: int = 4,
+    center: bool | None = None,
 ) -> Conversion:
     """Share the attention projections under a budget, fitted to data.
 
@@ -122,6 +123,10 @@ def compress(
         loss: For ``"fisher"``: ``"mse"`` or ``"kl"``; default ``"kl"`` for
             logits, else ``"mse"``.
         probes: For ``"fisher"``: probe vectors per calibration batch.
+        center: Fit each projection that has a bias about its mean input and
+            shift the bias by ``(W - W^) mean``, which removes the mean's share
+            of the error exactly and adds no parameter. Default: on, except
+            with ``sequential=True`` (whose refit does not center).
 
     Returns:
         The conversion; ``conversion.compression`` says what was chosen (and
@@ -129,7 +134,8 @@ def compress(
 
     Raises:
         ConfigError: No target, several, or one out of range; bad ``grouping``;
-            ``sequential=True`` without calibration batches.
+            ``sequential=True`` without calibration batches, or with a centered
+            fit.
         NoAttentionError: No group of repeated attention blocks.
         VerificationError: The rewrite failed verification; model unchanged.
 
@@ -158,6 +164,7 @@ def compress(
             readout=readout,
             loss=loss,
             probes=probes,
+            center=not sequential if center is None else center,
         )
     else:
         _check_model(model)
@@ -166,6 +173,12 @@ def compress(
             "sequential=True runs the model on the calibration batches, but "
             f"{'the plan was' if calibration is plan else 'it was'} made from "
             "statistics alone; pass the batches (or a plan prepared from them)."
+        )
+    if sequential and plan.means:
+        raise ConfigError(
+            "sequential=True refits the coefficients and residuals without the "
+            "bias shift of a centered fit; compress with center=False (or a plan "
+            "prepared with center=False)."
         )
     if sequential and plan.sensitivity is not None:
         # TODO: refit against the readout too (G of the compressed blocks' outputs)
@@ -315,11 +328,32 @@ def _fit(
     for (g, role), choice in allocation.choices.items():
         weights = role_weights(model, groups[g], role)
         with torch.no_grad():
-            fits[g, role] = fit_calibrated(
+            fit = fit_calibrated(
                 weights,
                 plan.layers[g, role],
                 choice.atoms,
                 choice.layer_ranks,
                 weighting=plan.weighting,
             )
+            means = [
+                plan.means.get(site.projection_of(role).target)
+                for site in groups[g].sites
+            ]
+            fits[g, role] = replace(fit, bias_shift=_bias_shift(weights, fit, means))
     return fits
+
+
+def _bias_shift(
+    weights: list[Tensor], fit: MatrixPCA, means: list[Tensor | None]
+) -> Tensor | None:
+    """``(W_l - W^_l) mean_l`` of each layer fitted about its mean input."""
+    if all(mean is None for mean in means):
+        return None
+    shifts = weights[0].new_zeros(
+        len(weights), weights[0].shape[0], dtype=torch.float64
+    )
+    for layer, (weight, mean) in enumerate(zip(weights, means, strict=True)):
+        if mean is not None:
+            error = weight.double() - fit.reconstruct(layer).double()
+            shifts[layer] = error @ mean.to(error.device)
+    return shifts

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from masasurgery.analyze import Analysis, analyze
 from masasurgery.calibrate import Calibration, collect_statistics
@@ -37,6 +37,7 @@ from masasurgery.inputs import resolve_inputs
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.find_attention import Projection
 from masasurgery.passes.group import Group
+from masasurgery.passes.layouts import LAYOUTS
 from masasurgery.sensitivity import Readout, Sensitivity, collect_sensitivity
 from masasurgery.whiten import Whitening, sensitivity_whitening, whitening
 
@@ -72,6 +73,10 @@ class CompressionPlan:
         seconds: Time of each step.
         batches: The calibration batches, when the plan was made from batches
             (the sequential refit runs the model on them); None otherwise.
+        means: The mean input of every projection fitted about it
+            (``center=True``: those with a bias), by target. Their fits leave
+            the mean's share of the error to the bias, which :func:`compress`
+            shifts by ``(W - W^) mean``.
     """
 
     analysis: Analysis
@@ -85,6 +90,7 @@ class CompressionPlan:
     layers: dict[tuple[int, str], list[Whitening]] = field(
         default_factory=dict, repr=False
     )
+    means: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def metric(self) -> str:
@@ -111,6 +117,7 @@ def prepare_compression(
     loss: str | None = None,
     probes: int = 4,
     sensitivity: Sensitivity | None = None,
+    center: bool = True,
 ) -> CompressionPlan:
     """Analyse, calibrate, group and tabulate, without changing ``model``.
 
@@ -137,6 +144,10 @@ def prepare_compression(
         probes: For ``"fisher"``: probe vectors per batch.
         sensitivity: For ``"fisher"``: statistics already collected, used
             instead of running the batches.
+        center: Fit every projection that has a bias about its mean input,
+            and let the bias absorb the mean's share of the error (free: no
+            parameter is added). Projections without a bias are fitted as they
+            are either way.
 
     Returns:
         The plan; pass it to :func:`compress` in place of the calibration.
@@ -154,6 +165,8 @@ def prepare_compression(
         raise ConfigError(f"grouping must be one of {GROUPINGS}, got {grouping!r}.")
     if metric is not None and metric not in METRICS:
         raise ConfigError(f"metric must be one of {METRICS}, got {metric!r}.")
+    if not isinstance(center, bool):
+        raise ConfigError(f"center must be True or False, got {center!r}.")
     if metric == "output" and (readout, loss, sensitivity) != (None, None, None):
         raise ConfigError(
             "readout=, loss= and sensitivity= serve metric='fisher', but "
@@ -189,7 +202,8 @@ def prepare_compression(
         groups = _group(model, analysis, calibration, grouping, runs)
         analysis = replace(analysis, groups=groups)
     with clock("tabulate"):
-        layers = _whitenings(groups, roles, stats, sensitivity)
+        means = _means(model, analysis, stats) if center else {}
+        layers = _whitenings(groups, roles, stats, sensitivity, means)
         weighting = "energy" if sensitivity is None else "absolute"
         tables = _tables(model, groups, layers, weighting, residual)
     batches = calibration if isinstance(calibration, list) else None
@@ -203,6 +217,7 @@ def prepare_compression(
         batches,
         sensitivity,
         layers,
+        means,
     )
 
 
@@ -351,11 +366,36 @@ def _tables(
     return tables
 
 
+def _means(
+    model: nn.Module, analysis: Analysis, stats: Calibration
+) -> dict[str, Tensor]:
+    """The mean input of every projection whose bias can absorb it."""
+    means, older = {}, []
+    for projection in _projections(analysis):
+        module = model.get_submodule(projection.target)
+        if LAYOUTS[projection.layout].bias(module) is None:
+            continue
+        mean = stats[projection.target].mean
+        if mean is None:
+            older.append(projection.target)
+        else:
+            means[projection.target] = mean
+    if older:
+        logger.info(
+            "compress: %d projections fitted without centering: their statistics "
+            "hold no input sum (e.g. %s); collect them again to center them",
+            len(older),
+            older[0],
+        )
+    return means
+
+
 def _whitenings(
     groups: list[Group],
     roles: Sequence[str],
     stats: Calibration,
     sensitivity: Sensitivity | None,
+    means: dict[str, Tensor],
 ) -> dict[tuple[int, str], list[Whitening]]:
     """Each layer's whitening of every shared role: input side, or both sides."""
     layers = {}
@@ -363,7 +403,9 @@ def _whitenings(
         for role in group.roles:
             if role in roles:
                 layers[group.index, role] = [
-                    _whitening(site.projection_of(role), role, stats, sensitivity)
+                    _whitening(
+                        site.projection_of(role), role, stats, sensitivity, means
+                    )
                     for site in group.sites
                 ]
     return layers
@@ -374,16 +416,17 @@ def _whitening(
     role: str,
     stats: Calibration,
     sensitivity: Sensitivity | None,
+    means: dict[str, Tensor],
 ) -> Whitening:
+    # About the mean input where the bias takes the mean's share of the error
     inputs = stats[projection.target]
+    xtx = inputs.centered() if projection.target in means else inputs.xtx
     name = f"{projection.target} ({role})"
     if sensitivity is None:
-        return whitening(inputs.xtx, name=name)
+        return whitening(xtx, name=name)
     start, stop = projection.roles[role]
     gtg = sensitivity[projection.target][start:stop, start:stop]
-    return sensitivity_whitening(
-        inputs.xtx, inputs.tokens, gtg, sensitivity.probes, name=name
-    )
+    return sensitivity_whitening(xtx, inputs.tokens, gtg, sensitivity.probes, name=name)
 
 
 def _atom_grid(num_layers: int) -> list[int]:

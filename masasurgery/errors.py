@@ -58,6 +58,11 @@ class ModelRunError(MasaError, RuntimeError):
     """The model itself failed on the example inputs during a masasurgery step."""
 
 
+#: What a model raises when it cannot run an input (a wrong shape, type or
+#: dtype), which masasurgery wraps in a ModelRunError naming the batch.
+MODEL_FAILURES = (AssertionError, AttributeError, RuntimeError, TypeError, ValueError)
+
+
 class ConversionMismatchError(MasaError, ValueError):
     """A conversion record was used with a model it does not describe, or after
     its original projections were released."""

@@ -67,6 +67,11 @@ class MatrixPCA:
             ``residual_ranks[l]`` columns of ``residual_up[l]`` and rows of
             ``residual_down[l]``, the rest are zero padding. None: every layer
             uses all ``r``.
+        bias_shift: Added to each layer's bias over the role's rows when the
+            fit is written into the model, shape ``(L, out)``, float64: ``(W_l -
+            W^_l) mean_l``, the share of the error that the mean input carries
+            in a fit about the mean (``center=True`` in
+            :func:`masasurgery.compress`). None: biases stay as they are.
     """
 
     atoms: Tensor
@@ -77,6 +82,7 @@ class MatrixPCA:
     residual_up: Tensor | None = None
     residual_down: Tensor | None = None
     residual_ranks: tuple[int, ...] | None = None
+    bias_shift: Tensor | None = None
 
     @property
     def residual_rank(self) -> int:

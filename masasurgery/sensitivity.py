@@ -49,7 +49,7 @@ from masasurgery.calibrate import (
     plan_passes,
     replayable,
 )
-from masasurgery.errors import ConfigError, MasaWarning, ModelRunError
+from masasurgery.errors import MODEL_FAILURES, ConfigError, MasaWarning, ModelRunError
 from masasurgery.passes.capture import Inputs
 
 __all__ = ["LOSSES", "Sensitivity", "collect_sensitivity", "default_readout"]
@@ -257,7 +257,7 @@ def _one_batch(
     with torch.enable_grad():
         try:
             output = model(*inputs.args, **inputs.kwargs)
-        except (AssertionError, RuntimeError, TypeError, ValueError) as e:
+        except MODEL_FAILURES as e:
             raise ModelRunError(
                 f"{type(model).__name__} failed on calibration batch "
                 f"{used['batches']}: {e}"

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from masasurgery.distributed import block_of
-from masasurgery.errors import ConfigError, ModelRunError
+from masasurgery.errors import MODEL_FAILURES, ConfigError, ModelRunError
 from masasurgery.fit_data import fit_layer
 from masasurgery.passes.capture import Inputs
 from masasurgery.passes.layouts import read_rows
@@ -306,7 +306,7 @@ def _forward(model: nn.Module, batch: Inputs, index: int) -> None:
             batch.call(model)
         except _Stop:
             pass
-        except (AssertionError, RuntimeError, TypeError, ValueError) as e:
+        except MODEL_FAILURES as e:
             raise ModelRunError(
                 f"{type(model).__name__} failed on calibration batch {index} during "
                 f"the sequential refit: {e}"

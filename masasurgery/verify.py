@@ -51,8 +51,10 @@ from masasurgery.errors import (
     ModelRunError,
     sentence,
 )
+from masasurgery.fit import MatrixPCA
 from masasurgery.passes.capture import Inputs
-from masasurgery.passes.layouts import LAYOUTS
+from masasurgery.passes.find_attention import Projection
+from masasurgery.passes.layouts import LAYOUTS, read_rows
 from masasurgery.passes.rewrite import _set_submodule
 from masasurgery.tolerances import Tolerance, tolerance_for
 from masasurgery.verify_compare import RunOutput, check_task, compare, resolve_task
@@ -315,11 +317,20 @@ def _attention_mask(example_inputs: Any) -> Tensor | None:
 # References: the original projections with fitted weights
 
 
-def _roles_by_target(
-    conversion: Conversion,
-) -> dict[str, list[tuple[str, int, int, Tensor]]]:
-    """For each replaced projection: (role, start, stop, fitted rows)."""
-    out: dict[str, list[tuple[str, int, int, Tensor]]] = {}
+@dataclass
+class _FittedRows:
+    """One shared role's rows of a replaced projection, as fitted."""
+
+    role: str
+    start: int
+    stop: int
+    rows: Tensor
+    bias_shift: Tensor | None  # added to the bias over the same rows
+
+
+def _roles_by_target(conversion: Conversion) -> dict[str, list[_FittedRows]]:
+    """For each replaced projection, every shared role's fitted rows."""
+    out: dict[str, list[_FittedRows]] = {}
     for group in conversion.analysis.groups:
         for layer, site in enumerate(group.sites):
             for projection in site.projections:
@@ -330,9 +341,9 @@ def _roles_by_target(
                         or projection.target not in conversion.rewrite.originals
                     ):
                         continue
-                    rows = fit.reconstruct(layer)
+                    shift = None if fit.bias_shift is None else fit.bias_shift[layer]
                     out.setdefault(projection.target, []).append(
-                        (role, start, stop, rows)
+                        _FittedRows(role, start, stop, fit.reconstruct(layer), shift)
                     )
     return out
 
@@ -352,10 +363,13 @@ def _references(conversion: Conversion) -> dict[str, nn.Module]:
     references = {}
     for target, parts in _roles_by_target(conversion).items():
         reference = copy.deepcopy(conversion.rewrite.originals[target])
-        weight = LAYOUTS[layouts[target]].weight(reference)
+        layout = LAYOUTS[layouts[target]]
+        weight, bias = layout.weight(reference), layout.bias(reference)
         with torch.no_grad():
-            for _, start, stop, rows in parts:
-                weight[start:stop].copy_(rows)
+            for part in parts:
+                weight[part.start : part.stop].copy_(part.rows)
+                if part.bias_shift is not None:
+                    bias[part.start : part.stop] += part.bias_shift.to(bias)
         references[target] = reference
     return references
 
@@ -377,14 +391,14 @@ def _check_weights(
         layout = LAYOUTS[layouts[target]]
         read = layout.weight
         actual, expected = read(replacements[target]), read(references[target])
-        for role, start, stop, _ in parts:
+        for part in parts:
             _record(
                 checks,
                 target,
-                role,
+                part.role,
                 "weight",
-                actual[start:stop],
-                expected[start:stop],
+                actual[part.start : part.stop],
+                expected[part.start : part.stop],
                 tolerance,
             )
         bias = layout.bias(replacements[target])
@@ -417,14 +431,15 @@ def _output_checks(
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             expected = references[target](*args)
-            for role, start, stop, _ in parts[target]:
+            for part in parts[target]:
+                rows = part.stop - part.start
                 _record(
                     checks,
                     target,
-                    role,
+                    part.role,
                     "output",
-                    output.narrow(dim, start, stop - start),
-                    expected.narrow(dim, start, stop - start),
+                    output.narrow(dim, part.start, rows),
+                    expected.narrow(dim, part.start, rows),
                     tolerance,
                 )
 
@@ -525,6 +540,27 @@ def _layer_errors(conversion: Conversion) -> list[LayerError]:
             fit = conversion.fits.get((group.index, role))
             if fit is None:
                 continue
-            for site, error in zip(group.sites, fit.layer_errors.tolist(), strict=True):
+            for layer, site in enumerate(group.sites):
+                error = _weight_error(
+                    conversion, site.projection_of(role), role, fit, layer
+                )
                 errors.append(LayerError(group.index, site.block, role, error))
     return errors
+
+
+def _weight_error(
+    conversion: Conversion,
+    projection: Projection,
+    role: str,
+    fit: MatrixPCA,
+    layer: int,
+) -> float:
+    """``||W - W^|| / ||W||`` against the original rows while they are kept
+    (a calibrated fit's own ``layer_errors`` are in its data metric)."""
+    original = conversion.rewrite.originals.get(projection.target)
+    if original is None:
+        return fit.layer_errors[layer].item()
+    start, stop = projection.roles[role]
+    rows = read_rows(original, projection.layout, start, stop).detach().double()
+    error = rows - fit.reconstruct(layer).detach().double().to(rows.device)
+    return (error.norm() / rows.norm().clamp_min(1e-300)).item()

@@ -17,10 +17,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
 from masasurgery.passes.find_attention import Projection
 from masasurgery.passes.group import Group
 from masasurgery.passes.layouts import LAYOUTS, read_rows
-from torch import nn
+from torch import Tensor, nn
 
 from masasurgery.errors import (
     AlreadyConvertedError,
@@ -192,7 +193,30 @@ def _build(
             position,
             projection.out_features,
         )
-    return layout.install(module, new)
+    installed = layout.install(module, new)
+    _shift_bias(layout.bias(installed), projection, group, layer, fits)
+    return installed
+
+
+def _shift_bias(
+    bias: Tensor | None,
+    projection: Projection,
+    group: int,
+    layer: int,
+    fits: Mapping[tuple[int, str], MatrixPCA],
+) -> None:
+    """Add each shared role's bias shift (fits about the mean input) to its rows."""
+    for role, (start, stop) in projection.roles.items():
+        fit = fits.get((group, role))
+        if fit is None or fit.bias_shift is None:
+            continue
+        if bias is None:
+            raise MasaError(
+                f"the fit of {projection.target} ({role}) shifts a bias, but the "
+                "projection has none; fit it without centering (center=False)."
+            )
+        with torch.no_grad():
+            bias[start:stop] += fit.bias_shift[layer].to(bias)
 
 
 def _add_dense(

@@ -21,6 +21,37 @@ def tiny_vit(name: str = "vit_tiny_patch16_224", depth: int = 3, **kwargs) -> nn
     return model.eval()
 
 
+def tiny_llama(
+    layers: int = 2, hidden: int = 32, vocab: int = 64, mlp: int = 64
+) -> nn.Module:
+    """A transformers Llama (GQA: 4 query heads, 2 key/value heads) with random
+    weights, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def projection_inputs(model: nn.Module, target: str, batches) -> torch.Tensor:
+    """The rows fed to ``target`` over ``batches``, as ``(tokens, in)``."""
+    rows = []
+    handle = model.get_submodule(target).register_forward_pre_hook(
+        lambda m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]))
+    )
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return torch.cat(rows)
+
+
 def image_batch(size: int = 32, batch: int = 2) -> torch.Tensor:
     return torch.randn(batch, 3, size, size)
 

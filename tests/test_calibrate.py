@@ -2,24 +2,11 @@
 
 import pytest
 import torch
-from conftest import image_batch, tiny_vit
+from conftest import image_batch, projection_inputs, tiny_vit
 from torch import nn
 
 from masasurgery.calibrate import Calibration, collect_statistics
 from masasurgery.errors import ConfigError, ModelRunError
-
-
-def _inputs_of(model, target, batches):
-    """The rows fed to ``target``, captured independently of the collector."""
-    rows = []
-    handle = model.get_submodule(target).register_forward_pre_hook(
-        lambda m, args: rows.append(args[0].reshape(-1, args[0].shape[-1]))
-    )
-    with torch.no_grad():
-        for b in batches:
-            model(b)
-    handle.remove()
-    return torch.cat(rows).double()
 
 
 def test_statistics_equal_xtx_of_the_projection_inputs():
@@ -28,10 +15,13 @@ def test_statistics_equal_xtx_of_the_projection_inputs():
     calibration = collect_statistics(model, batches)
 
     for target in ("blocks.0.attn.qkv", "blocks.1.attn.proj"):
-        x = _inputs_of(model, target, batches)
+        x = projection_inputs(model, target, batches).double()
         stats = calibration[target]
         assert stats.tokens == x.shape[0]
         torch.testing.assert_close(stats.xtx, x.T @ x, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(stats.mean, x.mean(0))
+        centered = (x - x.mean(0)).T @ (x - x.mean(0))
+        torch.testing.assert_close(stats.centered(), centered, rtol=1e-5, atol=1e-4)
     assert calibration.targets == [
         "blocks.0.attn.qkv",
         "blocks.0.attn.proj",
@@ -58,6 +48,20 @@ def test_bounded_memory_runs_several_passes_and_reads_back(tmp_path):
     again = Calibration.load(tmp_path)
     assert sorted(again.targets) == sorted(full.targets)
     assert torch.equal(again["blocks.1.attn.qkv"].xtx, full["blocks.1.attn.qkv"].xtx)
+    assert torch.equal(again["blocks.1.attn.qkv"].mean, full["blocks.1.attn.qkv"].mean)
+
+
+def test_statistics_saved_without_the_input_sum_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    # As written before the sum was collected: X^T X and the token count only
+    x = torch.randn(10, 4, dtype=torch.float64)
+    tensors = {"xtx": x.T @ x, "tokens": torch.tensor([10])}
+    save_file(tensors, tmp_path / "blocks.0.attn.qkv.safetensors")
+    stats = Calibration.load(tmp_path)["blocks.0.attn.qkv"]
+    assert stats.tokens == 10 and stats.mean is None
+    with pytest.raises(ConfigError, match="no input sum"):
+        stats.centered()
 
 
 def test_one_shot_iterators_work_for_one_pass_and_are_refused_for_several(tmp_path):
@@ -100,3 +104,9 @@ def test_multihead_attention_reads_the_query():
     torch.testing.assert_close(
         stats["layers.0.self_attn"].xtx, flat.T @ flat, rtol=1e-5, atol=1e-5
     )
+
+
+def test_a_batch_the_model_cannot_take_is_named():
+    model = tiny_vit(depth=2)
+    with pytest.raises(ModelRunError, match="batch 0: .*a tensor, a tuple"):
+        collect_statistics(model, ["not an image"])

@@ -4,13 +4,20 @@ import copy
 
 import pytest
 import torch
-from conftest import image_batch, same_state, snapshot, tiny_vit
+from conftest import (
+    image_batch,
+    projection_inputs,
+    same_state,
+    snapshot,
+    tiny_llama,
+    tiny_vit,
+)
 from masasurgery.passes.layouts import read_rows
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import masasurgery
 from masasurgery.compress import compress, prepare_compression
-from masasurgery.errors import ConfigError
+from masasurgery.errors import ConfigError, MasaWarning
 
 
 def _data(count=3, batch=4):
@@ -81,8 +88,13 @@ def _output_error(fits, groups, model, calibration):
                 model.get_submodule(projection.target), "linear", start, stop
             )
             delta = weight.double() - fit.reconstruct(layer).double()
-            xtx = calibration[projection.target].xtx
-            total += torch.einsum("oi,ij,oj->", delta, xtx, delta).item()
+            stats = calibration[projection.target]
+            total += torch.einsum("oi,ij,oj->", delta, stats.xtx, delta).item()
+            if fit.bias_shift is not None:
+                # sum_t |delta x_t - b|^2, the shift b taken by the bias
+                shift = fit.bias_shift[layer]
+                total += stats.tokens * shift.square().sum().item()
+                total -= 2 * (shift @ delta @ stats.total).item()
     return total
 
 
@@ -251,6 +263,7 @@ def test_bad_targets_leave_the_model_unchanged():
         ({"ratio": 1.5}, "ratio must be in"),
         ({"atoms": 0}, "positive integer"),
         ({"ratio": 0.5, "grouping": "kl"}, "grouping must be"),
+        ({"ratio": 0.5, "center": "yes"}, "center must be True or False"),
     ]:
         with pytest.raises(ConfigError, match=match):
             compress(model, _data(1), **kwargs)
@@ -266,29 +279,72 @@ def test_multihead_attention_falls_back_to_the_output_metric():
     data = [torch.randn(2, 5, 16) for _ in range(2)]
     with pytest.raises(NotImplementedError, match="MultiheadAttention"):
         compress(copy.deepcopy(model), data, ratio=0.5, metric="fisher")
-    conversion = compress(model, data, ratio=0.5)
+    # No hook sees out_proj's input: say so rather than fit on zeros silently
+    with pytest.warns(MasaWarning, match="layers.0.self_attn.out_proj"):
+        conversion = compress(model, data, ratio=0.5)
     assert conversion.compression.metric == "output"
     assert conversion.verification.rewrite_exact
 
 
 def test_a_projection_dropped_entirely_is_warned_about():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from masasurgery.errors import MasaWarning
-
     # Random weights: the readout barely depends on q and k, so they go first
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=3)
     data = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(3)]
     with pytest.warns(MasaWarning, match="dropped 6 projections entirely"):
         conversion = compress(model, data, ratio=0.6, verify=False)
     q = conversion.compression.allocation.choices[0, "q"]
     assert (q.atoms, q.rank) == (0, 0)
+
+
+def test_centered_fits_leave_no_mean_error_and_keep_the_bias_otherwise():
+    original = tiny_vit(depth=3)
+    data = _data(3, 4)
+    centered = copy.deepcopy(original)
+    conversion = compress(centered, data, ratio=0.5, metric="output")
+    plain = copy.deepcopy(original)
+    compress(plain, data, ratio=0.5, metric="output", center=False)
+
+    # The bias takes the mean error: outputs match the original's on average
+    for target in ("blocks.0.attn.qkv", "blocks.2.attn.proj"):
+        x = projection_inputs(original, target, data)
+        with torch.no_grad():
+            error = centered.get_submodule(target)(x) - original.get_submodule(target)(
+                x
+            )
+            uncentered = plain.get_submodule(target)(x) - original.get_submodule(
+                target
+            )(x)
+        assert error.mean(0).abs().max() < 1e-4 * error.abs().mean()
+        assert uncentered.mean(0).abs().max() > 100 * error.mean(0).abs().max()
+        assert torch.equal(
+            plain.get_submodule(target).bias, original.get_submodule(target).bias
+        )
+    assert conversion.verification.rewrite_exact
+
+    # The report's per-layer errors are weight errors, not the fit's metric
+    entry = next(e for e in conversion.verification.layer_errors if e.role == "q")
+    site = next(
+        s for s in conversion.analysis.groups[0].sites if s.block == entry.block
+    )
+    projection = site.projection_of("q")
+    start, stop = projection.roles["q"]
+    weight = original.get_submodule(projection.target).weight[start:stop].double()
+    fitted = conversion.fits[0, "q"].reconstruct(0).double()
+    expected = ((weight - fitted).norm() / weight.norm()).item()
+    assert entry.relative_error == pytest.approx(expected, rel=1e-9)
+
+
+def test_centering_skips_projections_without_a_bias_and_refuses_sequential():
+    model = tiny_llama(layers=2)
+    data = [{"input_ids": torch.randint(0, 64, (2, 16))} for _ in range(2)]
+    plan = prepare_compression(model, data, metric="output")
+    assert plan.means == {}
+
+    vit = tiny_vit(depth=2)
+    plan = prepare_compression(vit, _data(2), metric="output")
+    assert sorted(plan.means) == sorted(plan.statistics.targets)
+    state = snapshot(vit)
+    with pytest.raises(ConfigError, match="center=False"):
+        compress(vit, plan, ratio=0.5, sequential=True)
+    assert same_state(vit, state)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -35,15 +35,7 @@ ROLES = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
 
 @pytest.fixture
 def data():
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=6, mlp=48)
     targets = {
         f"model.layers.{i}.self_attn.{name}": role
         for i in range(6)

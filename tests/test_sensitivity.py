@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-from conftest import same_state, snapshot, tiny_vit
+from conftest import same_state, snapshot, tiny_llama, tiny_vit
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from masasurgery.errors import ConfigError, FitError, MasaWarning, ModelRunError
 from masasurgery.sensitivity import collect_sensitivity
@@ -47,16 +46,8 @@ def test_the_model_is_left_as_it_was_and_gets_no_gradients():
 
 
 def test_logits_get_fisher_probes_that_reach_every_layer():
-    config = LlamaConfig(
-        vocab_size=40,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=2, hidden=16, vocab=40, mlp=32)
     targets = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in "qo"]
     targets = [t + "_proj" for t in targets]
     s = collect_sensitivity(model, [{"input_ids": torch.randint(40, (2, 9))}], targets)

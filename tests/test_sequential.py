@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import image_batch, same_state, snapshot, tiny_vit
+from conftest import image_batch, same_state, snapshot, tiny_llama, tiny_vit
 from custom_models import Stack
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from masasurgery.compress import compress, prepare_compression
 from masasurgery.errors import ConfigError, ModelRunError
@@ -32,7 +32,7 @@ def _outputs(model, target, batches):
 def test_the_refit_lowers_each_projection_error_against_the_original():
     original = tiny_vit(depth=4)
     data = _images()
-    plan = prepare_compression(original, data, metric="output")
+    plan = prepare_compression(original, data, metric="output", center=False)
     plain, refitted = copy.deepcopy(original), copy.deepcopy(original)
     compress(plain, plan, ratio=0.6, verify=False)
     conversion = compress(refitted, plan, ratio=0.6, sequential=True)
@@ -85,15 +85,7 @@ def test_transformers_blocks_take_their_recorded_keywords(family):
     # Llama's layers get position_embeddings and masks as keywords; GPT-2's
     # Conv1D projections are refitted through their (in, out) layout
     if family == "llama":
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        model = LlamaForCausalLM(config).eval()
+        model = tiny_llama(layers=4, mlp=48)
     else:
         config = GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64)
         model = GPT2LMHeadModel(config).eval()
@@ -120,7 +112,9 @@ def test_a_plan_from_statistics_alone_is_refused():
 
 def test_a_failing_refit_leaves_the_model_as_it_was():
     original = tiny_vit(depth=3)
-    plan = prepare_compression(original, _images(count=2), metric="output")
+    plan = prepare_compression(
+        original, _images(count=2), metric="output", center=False
+    )
     plan.batches.append(torch.randn(2, 3, 48, 48))  # not the model's size
     state = snapshot(original)
     with pytest.raises(ModelRunError, match="sequential refit"):

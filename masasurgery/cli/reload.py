@@ -33,9 +33,9 @@ from masasurgery.errors import CheckpointError
 from masasurgery.fit import MatrixPCA, matrix_pca, stack_residuals
 from masasurgery.io import Checkpoint, load, read_checkpoint
 from masasurgery.modules import SharedMultiheadAttention, SharedProjection
-from masasurgery.passes.find_attention import AttentionSite
+from masasurgery.passes.find_attention import AttentionSite, Projection
 from masasurgery.passes.group import Group
-from masasurgery.passes.layouts import read_rows
+from masasurgery.passes.layouts import LAYOUTS, read_rows
 from masasurgery.passes.plans import RewritePlan, rebuild
 from masasurgery.passes.rewrite import Rewrite, restore
 
@@ -150,7 +150,7 @@ def _index(key: str) -> int:
 
 def _fit(done: Rewrite, group: Group, role: str, key: str) -> MatrixPCA:
     """The loaded atoms, coefficients and residuals of one dictionary as a fit."""
-    coefficients, ups, downs, originals = [], [], [], []
+    coefficients, ups, downs, originals, shifts = [], [], [], [], []
     for site in group.sites:
         projection = site.projection_of(role)
         module = _shared_part(done.replacements[projection.target])
@@ -160,6 +160,7 @@ def _fit(done: Rewrite, group: Group, role: str, key: str) -> MatrixPCA:
         start, stop = projection.roles[role]
         original = done.originals[projection.target]
         originals.append(read_rows(original, projection.layout, start, stop))
+        shifts.append(_bias_shift(done, projection, role))
     residual_up, residual_down, ranks = stack_residuals(ups, downs)
 
     atoms = done.store[key].atoms.detach()
@@ -174,9 +175,33 @@ def _fit(done: Rewrite, group: Group, role: str, key: str) -> MatrixPCA:
         residual_up=residual_up,
         residual_down=residual_down,
         residual_ranks=ranks,
+        bias_shift=_stack_shifts(shifts),
     )
     fit.layer_errors = _layer_errors(fit, originals)
     return fit
+
+
+def _bias_shift(
+    done: Rewrite, projection: Projection, role: str
+) -> torch.Tensor | None:
+    """The loaded bias less the original's over one role's rows (centered fits
+    shift it), or None without a bias."""
+    layout = LAYOUTS[projection.layout]
+    loaded = layout.bias(done.replacements[projection.target])
+    original = layout.bias(done.originals[projection.target])
+    if loaded is None or original is None:
+        return None
+    start, stop = projection.roles[role]
+    return (loaded[start:stop].double() - original[start:stop].double()).detach()
+
+
+def _stack_shifts(shifts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    if all(s is None or not s.any() for s in shifts):
+        return None
+    shown = next(s for s in shifts if s is not None)
+    return torch.stack(
+        [shown.new_zeros(shown.shape) if s is None else s for s in shifts]
+    )
 
 
 def _residual_part(
