@@ -354,7 +354,7 @@ def _run_pass(
             rows = _input_rows(module, args, kwargs)  # (tokens, in)
             product = rows.T.float() @ rows.float()
             stats[target].xtx += product.double()
-            stats[target].total += rows.double().sum(0)
+            stats[target].total += rows.sum(0, dtype=torch.float64)
             stats[target].tokens += rows.shape[0]
 
         return hook

@@ -35,7 +35,7 @@ from torch import Tensor
 from masasurgery.config import MasaConfig
 from masasurgery.errors import FitError
 
-__all__ = ["MatrixPCA", "matrix_pca", "stack_residuals"]
+__all__ = ["MatrixPCA", "matrix_pca", "relative_error", "stack_residuals"]
 
 # Directions whose energy is below this share of the largest carry only rounding
 # noise; their atoms and coefficients are set to zero rather than amplified.
@@ -144,6 +144,18 @@ class MatrixPCA:
             up, down = residual
             weight = torch.addmm(weight, up.to(weight.dtype), down.to(weight.dtype))
         return weight
+
+
+def relative_error(weight: Tensor, approximation: Tensor) -> Tensor:
+    """``||W - W^|| / ||W||`` in float64, a 0-d tensor on ``weight``'s device.
+
+    Example:
+        >>> relative_error(torch.ones(2, 2), torch.zeros(2, 2)).item()
+        1.0
+    """
+    weight = weight.detach().double()
+    error = weight - approximation.detach().double().to(weight.device)
+    return error.norm() / weight.norm().clamp_min(1e-300)
 
 
 def stack_residuals(

@@ -5,7 +5,7 @@ The two halves are kept apart:
 1. **The rewrite is exact.** The converted model must equal the original model with
    each shared weight replaced by its fitted reconstruction. Checked per projection
    (weight rows per role, bias, and the output on the very input the projection saw
-   in the converted run) and end to end.
+   in the converted run; :mod:`masasurgery.verify_layers`) and end to end.
 2. **The approximation error** of the chosen atoms: per layer and role (relative
    Frobenius error of the weight) and end to end on the user's inputs (max abs,
    relative L2, cosine; for classifiers top-1 agreement, for LMs top-1 agreement
@@ -24,7 +24,6 @@ reconstructions are swapped into the model in turn, and swapped back.
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -51,13 +50,18 @@ from masasurgery.errors import (
     ModelRunError,
     sentence,
 )
-from masasurgery.fit import MatrixPCA
 from masasurgery.passes.capture import Inputs
-from masasurgery.passes.find_attention import Projection
-from masasurgery.passes.layouts import LAYOUTS, read_rows
 from masasurgery.passes.rewrite import _set_submodule
 from masasurgery.tolerances import Tolerance, tolerance_for
 from masasurgery.verify_compare import RunOutput, check_task, compare, resolve_task
+from masasurgery.verify_layers import (
+    FittedProjection,
+    check_weights,
+    fitted_projections,
+    layer_errors,
+    output_checks,
+    reference_modules,
+)
 from masasurgery.verify_report import (
     Comparison,
     LayerCheck,
@@ -175,8 +179,16 @@ def verify(
         )
 
     # Runs with pinned kernels, everything restored afterwards
+    fitted = fitted_projections(conversion)
     runs = _runs(
-        model, conversion, example_inputs, device, tolerance, backend, reference_float64
+        model,
+        conversion,
+        fitted,
+        example_inputs,
+        device,
+        tolerance,
+        backend,
+        reference_float64,
     )
 
     # Figures
@@ -197,7 +209,7 @@ def verify(
         rewrite=compare(runs.converted, runs.reconstructed, **figures),
         approximation=compare(runs.converted, runs.original, **figures),
         layer_checks=list(runs.checks.values()),
-        layer_errors=_layer_errors(conversion),
+        layer_errors=layer_errors(conversion, fitted),
         lossless=conversion.lossless,
         task=task,
         reference=reference,
@@ -219,6 +231,7 @@ class _Runs:
 def _runs(
     model: nn.Module,
     conversion: Conversion,
+    fitted: dict[str, FittedProjection],
     example_inputs: Any,
     device: torch.device | None,
     tolerance: Tolerance,
@@ -226,7 +239,7 @@ def _runs(
     reference_float64: bool,
 ) -> _Runs:
     done = conversion.rewrite
-    references = _references(conversion)
+    references = reference_modules(conversion, fitted)
     modules = [model, *done.originals.values(), *references.values()]
     with (
         preserved(*modules),
@@ -243,10 +256,8 @@ def _runs(
 
         # Converted (checking each projection), reference, original
         checks: dict[tuple[str, str, str], LayerCheck] = {}
-        _check_weights(done.replacements, references, conversion, tolerance, checks)
-        with _output_checks(
-            done.replacements, references, conversion, tolerance, checks
-        ):
+        check_weights(done.replacements, references, fitted, tolerance, checks)
+        with output_checks(done.replacements, references, fitted, tolerance, checks):
             converted = _run(model, inputs)
         with _swapped(model, references):
             reconstructed = _run(model, inputs)
@@ -314,168 +325,6 @@ def _attention_mask(example_inputs: Any) -> Tensor | None:
 
 
 # ---------------------------------------------------------------------------
-# References: the original projections with fitted weights
-
-
-@dataclass
-class _FittedRows:
-    """One shared role's rows of a replaced projection, as fitted."""
-
-    role: str
-    start: int
-    stop: int
-    rows: Tensor
-    bias_shift: Tensor | None  # added to the bias over the same rows
-
-
-def _roles_by_target(conversion: Conversion) -> dict[str, list[_FittedRows]]:
-    """For each replaced projection, every shared role's fitted rows."""
-    out: dict[str, list[_FittedRows]] = {}
-    for group in conversion.analysis.groups:
-        for layer, site in enumerate(group.sites):
-            for projection in site.projections:
-                for role, (start, stop) in projection.roles.items():
-                    fit = conversion.fits.get((group.index, role))
-                    if (
-                        fit is None
-                        or projection.target not in conversion.rewrite.originals
-                    ):
-                        continue
-                    shift = None if fit.bias_shift is None else fit.bias_shift[layer]
-                    out.setdefault(projection.target, []).append(
-                        _FittedRows(role, start, stop, fit.reconstruct(layer), shift)
-                    )
-    return out
-
-
-def _layouts(conversion: Conversion) -> dict[str, str]:
-    """The storage layout of every projection of the converted groups."""
-    return {
-        p.target: p.layout
-        for g in conversion.analysis.groups
-        for s in g.sites
-        for p in s.projections
-    }
-
-
-def _references(conversion: Conversion) -> dict[str, nn.Module]:
-    layouts = _layouts(conversion)
-    references = {}
-    for target, parts in _roles_by_target(conversion).items():
-        reference = copy.deepcopy(conversion.rewrite.originals[target])
-        layout = LAYOUTS[layouts[target]]
-        weight, bias = layout.weight(reference), layout.bias(reference)
-        with torch.no_grad():
-            for part in parts:
-                weight[part.start : part.stop].copy_(part.rows)
-                if part.bias_shift is not None:
-                    bias[part.start : part.stop] += part.bias_shift.to(bias)
-        references[target] = reference
-    return references
-
-
-# ---------------------------------------------------------------------------
-# Part 1, per projection
-
-
-def _check_weights(
-    replacements: Mapping[str, nn.Module],
-    references: Mapping[str, nn.Module],
-    conversion: Conversion,
-    tolerance: Tolerance,
-    checks: dict[tuple[str, str, str], LayerCheck],
-) -> None:
-    layouts = _layouts(conversion)
-    for target, parts in _roles_by_target(conversion).items():
-        # Rows of the (out, in) matrix, whatever layout the module stores
-        layout = LAYOUTS[layouts[target]]
-        read = layout.weight
-        actual, expected = read(replacements[target]), read(references[target])
-        for part in parts:
-            _record(
-                checks,
-                target,
-                part.role,
-                "weight",
-                actual[part.start : part.stop],
-                expected[part.start : part.stop],
-                tolerance,
-            )
-        bias = layout.bias(replacements[target])
-        ref_bias = layout.bias(references[target])
-        if (bias is None) != (ref_bias is None):
-            checks[target, "bias", "bias"] = LayerCheck(
-                target, "bias", "bias", float("inf"), False
-            )
-        elif bias is not None:
-            _record(checks, target, "bias", "bias", bias, ref_bias, tolerance)
-
-
-@contextlib.contextmanager
-def _output_checks(
-    replacements: Mapping[str, nn.Module],
-    references: Mapping[str, nn.Module],
-    conversion: Conversion,
-    tolerance: Tolerance,
-    checks: dict[tuple[str, str, str], LayerCheck],
-) -> Iterator[None]:
-    """Compare each projection's output with its reference on the same input."""
-    parts = _roles_by_target(conversion)
-    handles = []
-
-    layouts = _layouts(conversion)
-
-    def make_hook(target: str):
-        # The output's feature dimension: last for Linear, 1 for a 1x1 conv
-        dim = LAYOUTS[layouts[target]].out_dim
-
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            expected = references[target](*args)
-            for part in parts[target]:
-                rows = part.stop - part.start
-                _record(
-                    checks,
-                    target,
-                    part.role,
-                    "output",
-                    output.narrow(dim, part.start, rows),
-                    expected.narrow(dim, part.start, rows),
-                    tolerance,
-                )
-
-        return hook
-
-    # Only modules the model calls on the projection's input can be hooked
-    for target in parts:
-        if LAYOUTS[layouts[target]].called:
-            module = replacements[target]
-            handles.append(module.register_forward_hook(make_hook(target)))
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _record(
-    checks: dict[tuple[str, str, str], LayerCheck],
-    target: str,
-    role: str,
-    check: str,
-    actual: Tensor,
-    expected: Tensor,
-    tolerance: Tolerance,
-) -> None:
-    # Keep the worst figure when a projection runs several times
-    max_abs = (actual.double() - expected.double()).abs().max().item()
-    passed = tolerance.excess(actual, expected) <= 0.0
-    old = checks.get((target, role, check))
-    if old is not None:
-        max_abs, passed = max(max_abs, old.max_abs), passed and old.passed
-    checks[target, role, check] = LayerCheck(target, role, check, max_abs, passed)
-
-
-# ---------------------------------------------------------------------------
 # Runs
 
 
@@ -531,36 +380,3 @@ def _float64_inputs(inputs: Inputs) -> Inputs:
 
     args, kwargs = pytree.tree_map(cast, (inputs.args, inputs.kwargs))
     return Inputs(args=tuple(args), kwargs=dict(kwargs))
-
-
-def _layer_errors(conversion: Conversion) -> list[LayerError]:
-    errors = []
-    for group in conversion.analysis.groups:
-        for role in group.roles:
-            fit = conversion.fits.get((group.index, role))
-            if fit is None:
-                continue
-            for layer, site in enumerate(group.sites):
-                error = _weight_error(
-                    conversion, site.projection_of(role), role, fit, layer
-                )
-                errors.append(LayerError(group.index, site.block, role, error))
-    return errors
-
-
-def _weight_error(
-    conversion: Conversion,
-    projection: Projection,
-    role: str,
-    fit: MatrixPCA,
-    layer: int,
-) -> float:
-    """``||W - W^|| / ||W||`` against the original rows while they are kept
-    (a calibrated fit's own ``layer_errors`` are in its data metric)."""
-    original = conversion.rewrite.originals.get(projection.target)
-    if original is None:
-        return fit.layer_errors[layer].item()
-    start, stop = projection.roles[role]
-    rows = read_rows(original, projection.layout, start, stop).detach().double()
-    error = rows - fit.reconstruct(layer).detach().double().to(rows.device)
-    return (error.norm() / rows.norm().clamp_min(1e-300)).item()

@@ -30,7 +30,7 @@ from torch import nn
 from masasurgery.analyze import Analysis, analyze
 from masasurgery.convert import Conversion, ParameterCount, RoleFit
 from masasurgery.errors import CheckpointError
-from masasurgery.fit import MatrixPCA, matrix_pca, stack_residuals
+from masasurgery.fit import MatrixPCA, matrix_pca, relative_error, stack_residuals
 from masasurgery.io import Checkpoint, load, read_checkpoint
 from masasurgery.modules import SharedMultiheadAttention, SharedProjection
 from masasurgery.passes.find_attention import AttentionSite, Projection
@@ -220,12 +220,10 @@ def _shared_part(module: nn.Module) -> SharedProjection:
 
 
 def _layer_errors(fit: MatrixPCA, originals: list[torch.Tensor]) -> torch.Tensor:
-    errors = []
     with torch.no_grad():
-        for layer, weight in enumerate(originals):
-            weight = weight.double()
-            diff = weight - fit.reconstruct(layer).double()
-            errors.append(diff.norm() / weight.norm().clamp_min(1e-300))
+        errors = [
+            relative_error(w, fit.reconstruct(i)) for i, w in enumerate(originals)
+        ]
     return torch.stack(errors).cpu()
 
 
